@@ -1,0 +1,1 @@
+"""Tico: SmoothQuant W8A8 quantization for Hugging Face language models."""

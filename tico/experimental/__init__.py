@@ -1,0 +1,1 @@
+"""Experimental features of tico; the quantization API lives in ``tico.experimental.quantization``."""

@@ -1,0 +1,1 @@
+"""Quantization algorithms, each in its own sub-package."""
