@@ -1,0 +1,52 @@
+"""Per-channel abs-max statistics, gathered by one hook per smoothing group.
+
+The hook keeps one fp32 vector (never activations), reduces with a single ``aminmax`` pass in the input's own
+dtype (exact for a max), and runs under ``no_grad`` so calibration inside a training loop costs no graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint
+
+
+class ChannelAbsMaxObserver:
+    """Running ``max |x_j|`` over every leading index of the observed tensor, per channel ``j`` (the last axis)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.absmax: torch.Tensor | None = None
+        self.calls = 0
+        self.rows = 0
+        self.bad_shape: tuple[int, ...] | None = None  # first shape whose last axis was not ``channels``
+
+    @torch.no_grad()
+    def observe(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.channels:
+            if self.bad_shape is None:
+                self.bad_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (type(x).__name__,)  # type: ignore[assignment]
+            return
+        flat = x.detach().reshape(-1, self.channels)
+        if flat.shape[0] == 0:
+            return
+        lo, hi = torch.aminmax(flat, dim=0)
+        current = torch.maximum(hi, lo.neg()).float()
+        if self.absmax is None:
+            self.absmax = current
+        else:
+            torch.maximum(self.absmax, current, out=self.absmax)
+        self.calls += 1
+        self.rows += flat.shape[0]
+
+    def attach(self, model: nn.Module, point: ObservationPoint) -> RemovableHandle:
+        """Hook this observer at ``point`` of ``model``."""
+        module = model.get_submodule(point.module)
+        if point.where == "output":
+            return module.register_forward_hook(lambda _m, _args, out: self.observe(out))
+        arg = point.arg
+        return module.register_forward_pre_hook(lambda _m, args: self.observe(args[arg]) if len(args) > arg else None)

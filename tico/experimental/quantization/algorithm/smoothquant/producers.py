@@ -1,0 +1,100 @@
+"""Producers: the modules whose output ``X`` can absorb ``1/s`` per channel, and how to fold it into them.
+
+A producer is recognised by its parameters (a leaf module with a 1-D ``weight``, optionally a 1-D ``bias``) and
+its *kind* by a numerical probe on an input it really saw: fold a random ``s`` under each kind's rule and keep
+the kind whose output becomes exactly ``y / s``. So LayerNorm, RMSNorm, Gemma's ``x * (1 + w)`` norm or any
+custom norm of the same form are handled without naming their classes, and anything else is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ProducerKind:
+    """How a per-channel divisor ``s`` is folded into a producer's weight (its bias, if any, becomes ``b / s``)."""
+
+    name: str
+    formula: str
+    fold_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (w fp32, s fp32) -> new w fp32
+
+
+# The table of producer forms. Adding a form is one line; the probe decides which one a module has.
+PRODUCER_KINDS: tuple[ProducerKind, ...] = (
+    ProducerKind("affine", "y = norm(x) * w + b", lambda w, s: w / s),
+    ProducerKind("unit_offset", "y = norm(x) * (1 + w) + b", lambda w, s: (1.0 + w) / s - 1.0),
+)
+KINDS_BY_NAME = {k.name: k for k in PRODUCER_KINDS}
+
+
+def producer_params(module: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None] | None:
+    """``(weight, bias)`` if ``module`` has the shape of a producer, else None.
+
+    A producer is a leaf module with a 1-D ``weight`` and at most a 1-D ``bias`` of the same size, or a
+    weight-less norm (``(None, None)``), which is traced only so that the reason it is skipped can be reported.
+    """
+    if next(module.children(), None) is not None:
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is not None:
+        if weight.dim() != 1 or set(params) - {"weight", "bias"}:
+            return None
+        if bias is not None and bias.shape != weight.shape:
+            return None
+        return weight, bias
+    if not params and "Norm" in type(module).__name__:
+        return None, None
+    return None
+
+
+def find_producers(model: nn.Module) -> dict[str, nn.Module]:
+    """All modules of ``model`` that :func:`producer_params` accepts, by name."""
+    return {name: m for name, m in model.named_modules() if name and producer_params(m) is not None}
+
+
+@torch.no_grad()
+def fold_into_producer(module: nn.Module, kind: ProducerKind, scales: torch.Tensor) -> None:
+    """Divide the producer's output by ``scales`` (fp32, one per channel), in place."""
+    weight, bias = producer_params(module)  # type: ignore[misc]
+    s = scales.to(weight.device)
+    weight.copy_(kind.fold_weight(weight.float(), s).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.float() / s).to(bias.dtype))
+
+
+@torch.no_grad()
+def probe_kind(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]) -> ProducerKind | None:
+    """The :data:`PRODUCER_KINDS` entry under which folding ``1/s`` divides ``module``'s output by ``s`` exactly.
+
+    Runs the module on an input it saw during tracing, with a random positive ``s``, once per kind, and restores
+    the parameters bit for bit afterwards. Returns None if no kind fits.
+    """
+    weight, bias = producer_params(module)  # type: ignore[misc]
+    args, kwargs, reference = sample
+    saved = [p.detach().clone() for p in (weight, bias) if p is not None]
+    gen = torch.Generator().manual_seed(0)
+    s = (0.5 + 1.5 * torch.rand(weight.numel(), generator=gen)).to(weight.device)
+    expected = reference.float() / s
+    low_precision = weight.dtype in (torch.float16, torch.bfloat16) or reference.dtype in (torch.float16, torch.bfloat16)
+    rtol, atol = (3e-2, 3e-2) if low_precision else (1e-4, 1e-5)
+    atol *= float(expected.abs().max()) or 1.0
+    try:
+        for kind in PRODUCER_KINDS:
+            fold_into_producer(module, kind, s)
+            try:
+                got = module(*args, **kwargs)
+            finally:
+                for p, original in zip((q for q in (weight, bias) if q is not None), saved):
+                    p.copy_(original)
+            if isinstance(got, torch.Tensor) and got.shape == reference.shape:
+                if torch.allclose(got.float(), expected, rtol=rtol, atol=atol):
+                    return kind
+    except Exception:  # a module that cannot be re-run on its own is simply not a producer we can prove
+        return None
+    return None
