@@ -52,7 +52,9 @@ _SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "
 # Ops that return Python values computed from the data (a non-tensor result otherwise means metadata).
 _DATA_READERS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "equal", "allclose"})
 # Ops on a parameter that give a view of it (the view's later use is what matters).
-_PARAM_VIEWS = frozenset({"__getitem__", "transpose", "t", "permute", "select", "view", "unsqueeze", "squeeze", "expand"})
+_PARAM_VIEWS = frozenset(
+    {"__getitem__", "transpose", "t", "permute", "select", "view", "unsqueeze", "squeeze", "expand", ".T", ".mT"}
+)
 
 
 def _func_name(func: Callable) -> str:

@@ -34,7 +34,7 @@ from tico.experimental.quantization.registry import register_quantizer
 
 logger = logging.getLogger(__name__)
 
-PROBE_TOKENS = 16
+PROBE_TOKENS = 8
 
 
 class SmoothQuantError(ValueError):
