@@ -44,7 +44,7 @@ _CHANNEL_PRESERVING = frozenset(
         "view", "reshape", "view_as", "reshape_as", "flatten", "contiguous", "clone", "detach", "to", "float",
         "half", "bfloat16", "double", "type", "type_as", "cpu", "cuda", "dropout", "alpha_dropout",
         "feature_alpha_dropout", "__getitem__", "index_select", "unsqueeze", "squeeze", "expand", "expand_as",
-        "chunk", "split", "unbind", "narrow", "select", "transpose", "permute",
+        "chunk", "split", "unbind", "narrow", "select", "transpose", "permute", "repeat_interleave",
     }
 )
 # Ops that read only the shape/dtype/device of their input, never its values.
@@ -235,7 +235,7 @@ class _Tracer(TorchFunctionMode):
 # op -> (position of its ``dim`` argument, default dim); unsqueeze/squeeze are left to the shape check.
 _DIM_ARG: dict[str, tuple[int, int | None]] = {
     "index_select": (1, None), "narrow": (1, None), "select": (1, None),
-    "chunk": (2, 0), "split": (2, 0), "unbind": (1, 0),
+    "chunk": (2, 0), "split": (2, 0), "unbind": (1, 0), "repeat_interleave": (2, None),
 }
 
 
