@@ -237,3 +237,10 @@ def test_save_pretrained_generate_and_reload(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded) is LlamaForCausalLM
     assert torch.equal(logits(reloaded), ref)
+
+
+def test_auto_alpha_needs_a_quantizer_to_score_against():
+    config = SmoothQuantConfig(alpha="auto")
+    assert config.alpha_is_auto
+    with pytest.raises(ValueError, match="W8A8Config"):
+        prepare(tiny_llama(), config)

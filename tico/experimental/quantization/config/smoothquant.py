@@ -32,7 +32,9 @@ class SmoothQuantConfig(BaseConfig):
     Args:
         alpha: default migration strength in [0, 1]. 0 leaves activations as they are (weights are only
             normalised per channel), 1 moves all of the activation range into the weights. 0.5 is the
-            paper's default for most models.
+            paper's default for most models. ``"auto"`` searches a grid per group for the alpha that minimises
+            the quantized output error; it needs a quantization config to score against
+            (``W8A8Config(smoothing=SmoothQuantConfig(alpha="auto"))``).
         custom_alpha_map: ``{module name: alpha}`` overrides. A name may be a decoder block
             (``"model.layers.3"``), a part of it (``"model.layers.3.mlp"``), a norm or a Linear. A group
             takes the alpha of the most specific (longest) name that is, or contains, its producer or one
@@ -46,13 +48,14 @@ class SmoothQuantConfig(BaseConfig):
             pre-activation). Statistics always have one value per channel of the folded axis.
     """
 
-    alpha: float = 0.5
+    alpha: float | Literal["auto"] = 0.5
     custom_alpha_map: Mapping[str, float] | None = None
     acts_from: ActsFrom = "input"
     _frozen_map: tuple[tuple[str, float], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha", _check_alpha(self.alpha, "SmoothQuantConfig.alpha"))
+        if self.alpha != "auto":
+            object.__setattr__(self, "alpha", _check_alpha(self.alpha, "SmoothQuantConfig.alpha"))
         if self.acts_from not in ("input", "output"):
             raise ValueError(f"SmoothQuantConfig.acts_from must be 'input' or 'output', got {self.acts_from!r}")
         amap = self.custom_alpha_map
@@ -75,18 +78,23 @@ class SmoothQuantConfig(BaseConfig):
     def name(self) -> str:
         return "smoothquant"
 
+    @property
+    def alpha_is_auto(self) -> bool:
+        return self.alpha == "auto"
+
     def alpha_for(self, module_names: "list[str] | tuple[str, ...]") -> float:
         """The alpha for a group whose producer and consumers have ``module_names``.
 
         The most specific override wins: the longest map key equal to, or a dotted prefix of, any of the names.
         """
         best: tuple[int, float] | None = None
+        default = 0.5 if self.alpha == "auto" else float(self.alpha)  # auto: the search's starting point
         for key, value in self._frozen_map:
             if any(_contains(key, n) for n in module_names):
                 depth = len(key)
                 if best is None or depth > best[0]:
                     best = (depth, value)
-        return self.alpha if best is None else best[1]
+        return default if best is None else best[1]
 
 
 def _contains(prefix: str, name: str) -> bool:

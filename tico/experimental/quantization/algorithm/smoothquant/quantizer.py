@@ -81,8 +81,15 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     config: SmoothQuantConfig
 
-    def __init__(self, config: SmoothQuantConfig) -> None:
+    def __init__(self, config: SmoothQuantConfig, scored_by: str | None = None) -> None:
+        """``scored_by`` names the quantizer that picks alphas when ``config.alpha == "auto"`` (it must set
+        every smoothed group's ``alpha`` before :meth:`convert`); plain SmoothQuant has nothing to score with."""
         super().__init__(config)
+        if config.alpha_is_auto and scored_by is None:
+            raise ValueError(
+                'SmoothQuantConfig(alpha="auto") needs a quantizer to score alphas against: use '
+                'W8A8Config(smoothing=SmoothQuantConfig(alpha="auto")), or give a number in [0, 1]'
+            )
         self.plan = SmoothingPlan([])
         self.observers: dict[str, ChannelAbsMaxObserver] = {}
         self._handles: list[RemovableHandle] = []
@@ -94,16 +101,26 @@ class SmoothQuantQuantizer(BaseQuantizer):
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
     ) -> nn.Module:
+        self.discover(model, args, kwargs)
+        self.observers = {g.producer: ChannelAbsMaxObserver(g.channels) for g in self.plan.smoothed}  # type: ignore[arg-type]
+        self.attach(model)
+        return model
+
+    def discover(
+        self,
+        model: nn.Module,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> SmoothingPlan:
+        """Trace one probe forward and build the plan (no hooks are left, no weight changes)."""
         probe_args, probe_kwargs = example_inputs(model, args, kwargs)
         producers = find_producers(model)
         flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs))
         plan = build_plan(model, flow, self.config)
         self._check_alpha_map(model, plan)
         self.plan = plan
-        self.observers = {g.producer: ChannelAbsMaxObserver(g.channels) for g in plan.smoothed}  # type: ignore[arg-type]
-        self.attach(model)
         self._log_plan(model)
-        return model
+        return plan
 
     def _check_alpha_map(self, model: nn.Module, plan: SmoothingPlan) -> None:
         names = list(self.config.custom_alpha_map or {})
