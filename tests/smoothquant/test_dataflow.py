@@ -36,7 +36,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("block", [Block, ViewGatherBlock, MatmulBlock])
+@pytest.mark.parametrize("block", [Block, ViewGatherBlock, MatmulBlock, SplitChannelsBlock])
 def test_foldable_patterns_are_smoothed_exactly(block):
     torch.manual_seed(0)
     model = Toy(block=block)
@@ -53,7 +53,6 @@ def test_foldable_patterns_are_smoothed_exactly(block):
     "block, reason",
     [
         (PostNormBlock, "read by add"),
-        (SplitChannelsBlock, "read by __getitem__"),
         (SharedLinearBlock, "also used by linear"),
     ],
 )

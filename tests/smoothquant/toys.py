@@ -56,7 +56,7 @@ class PostNormBlock(Block):
 
 
 class SplitChannelsBlock(Block):
-    """Linear ``a`` reads half of the norm's channels (``b`` reads all): not foldable."""
+    """Linear ``a`` reads half of the norm's channels (``b`` reads all): each column still sees one channel."""
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__(dim)

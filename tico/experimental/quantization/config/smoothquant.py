@@ -46,16 +46,23 @@ class SmoothQuantConfig(BaseConfig):
             both are the same tensor; they differ only for producers whose output is transformed before
             the consumers read it (a Linear -> activation -> Linear bridge, where ``"output"`` is the
             pre-activation). Statistics always have one value per channel of the folded axis.
+        linear_producers: also smooth Linear -> Linear pairs that the traced dataflow proves exact:
+            ``v_proj -> o_proj`` (per key/value head, through attention and grouped-query head repeats),
+            ``up_proj -> down_proj`` (the gated product is linear in ``up``) and Linear -> ReLU -> Linear. Off by
+            default, which is the paper's (norm -> Linear only).
     """
 
     alpha: float | Literal["auto"] = 0.5
     custom_alpha_map: Mapping[str, float] | None = None
     acts_from: ActsFrom = "input"
+    linear_producers: bool = False
     _frozen_map: tuple[tuple[str, float], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.alpha != "auto":
             object.__setattr__(self, "alpha", _check_alpha(self.alpha, "SmoothQuantConfig.alpha"))
+        if not isinstance(self.linear_producers, bool):
+            raise ValueError(f"SmoothQuantConfig.linear_producers must be a bool, got {self.linear_producers!r}")
         if self.acts_from not in ("input", "output"):
             raise ValueError(f"SmoothQuantConfig.acts_from must be 'input' or 'output', got {self.acts_from!r}")
         amap = self.custom_alpha_map

@@ -1,14 +1,22 @@
-"""Find, by watching one forward pass, who reads each candidate producer's output.
+"""Find, by watching one forward pass, who reads each candidate producer's output, channel by channel.
 
-A producer's output may be scaled by ``1/s`` per channel only if *every* read of it is a contraction over
-that channel axis with a parameter that can absorb ``s`` (``F.linear``, ``addmm``, ``matmul``, grouped mm), or
-an op that carries the channel axis through unchanged (views, dtype casts, dropout, gathers of tokens).
-Anything else (a residual add, RoPE, a norm, being returned from the model) is a *foreign* read, and the
-producer is left alone with that read named as the reason.
+Folding ``1/s`` into a producer scales every element of its output by ``1/s[c]``, where ``c`` is the output
+channel the element came from. The fold is exact if *every* read of that output (and of whatever is derived
+from it) is either
 
-The forward runs under a :class:`~torch.overrides.TorchFunctionMode`, so the proof comes from the model's
-own code path, whatever its architecture; no per-model list of layer names is needed. The tables below say
-how each torch function treats the channel axis: they are about torch, not about models.
+- **structural**: a view, reshape, transpose, gather, split, concat, cast or dropout, which moves elements
+  around but keeps each one's channel (we move a *channel map* the same way, so head splits, GQA head
+  repeats and token gathers are followed exactly);
+- **homogeneous**: multiplication by a tensor that does not depend on the producer (``act(gate) * up``), ReLU,
+  negation, or a matmul / attention in which the tracked tensor is the *value* operand; or
+- a **consumer**: a contraction (``F.linear``, ``addmm``, ``matmul``, grouped mm) of the tracked tensor's last
+  axis with a parameter, where every column of the parameter sees one channel. ``s[c]`` is multiplied into
+  that parameter's column.
+
+Anything else (a residual add, RoPE, softmax, a norm, being returned from the model) is a *foreign* read, and
+the producer is left alone with that read named as the reason. The forward runs under a
+:class:`~torch.overrides.TorchFunctionMode`, so the proof comes from the model's own code path, whatever its
+architecture. The tables below are about torch functions, not about models.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 # name -> (index of the activation operand, index of the weight operand, contracted axis of the weight operand)
 _CONTRACTIONS: dict[str, tuple[int, int, int]] = {
@@ -37,16 +45,26 @@ _CONTRACTIONS: dict[str, tuple[int, int, int]] = {
 }
 _CONTRACTION_ARG_NAMES = {"input": 0, "weight": 1, "mat1": 1, "mat2": 2, "other": 1, "batch1": 1, "batch2": 2}
 
-# Ops whose outputs carry the channel (last) axis of their input through unchanged: views, copies, casts,
-# token gathers, and elementwise masks that commute with a per-channel scale (dropout).
-_CHANNEL_PRESERVING = frozenset(
+# Ops that keep every element's channel and the shape: the channel map passes through unchanged.
+_SAME_MAP = frozenset(
     {
-        "view", "reshape", "view_as", "reshape_as", "flatten", "contiguous", "clone", "detach", "to", "float",
-        "half", "bfloat16", "double", "type", "type_as", "cpu", "cuda", "dropout", "alpha_dropout",
-        "feature_alpha_dropout", "__getitem__", "index_select", "unsqueeze", "squeeze", "expand", "expand_as",
-        "chunk", "split", "unbind", "narrow", "select", "transpose", "permute", "repeat_interleave",
+        "to", "float", "half", "bfloat16", "double", "type", "type_as", "cpu", "cuda", "contiguous", "clone",
+        "detach", "dropout", "alpha_dropout", "feature_alpha_dropout", "relu", "leaky_relu", "neg", "__neg__",
+        ".data",
     }
 )
+# Ops that move elements around: the same op applied to the channel map gives the output's map.
+_MOVE_MAP = frozenset(
+    {
+        "view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "__getitem__", "index_select",
+        "unsqueeze", "squeeze", "expand", "expand_as", "chunk", "split", "tensor_split", "unbind", "narrow",
+        "select", "transpose", "swapaxes", "permute", "movedim", "repeat_interleave", "repeat", "t", ".T", ".mT",
+    }
+)
+_CONCAT = frozenset({"cat", "concat", "concatenate", "stack"})
+# Elementwise ops linear in their first operand when the other one does not depend on the producer.
+_SCALE_BY_OTHER = frozenset({"mul", "__mul__", "__rmul__", "multiply", "div", "__truediv__", "true_divide", "__div__"})
+_ADD = frozenset({"add", "__add__", "__radd__", "sub", "__sub__"})
 # Ops that read only the shape/dtype/device of their input, never its values.
 _SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"})
 # Ops that return Python values computed from the data (a non-tensor result otherwise means metadata).
@@ -55,6 +73,8 @@ _DATA_READERS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__",
 _PARAM_VIEWS = frozenset(
     {"__getitem__", "transpose", "t", "permute", "select", "view", "unsqueeze", "squeeze", "expand", ".T", ".mT"}
 )
+# Reshaping ops applied to a channel map use their copying variant (maps are expanded, not contiguous).
+_MAP_OP_ALIASES = {"view": "reshape", "view_as": "reshape_as"}
 
 
 def _func_name(func: Callable) -> str:
@@ -67,11 +87,15 @@ def _func_name(func: Callable) -> str:
 
 @dataclass(frozen=True)
 class ConsumerParam:
-    """A parameter that contracts the producer's channel axis: ``s`` is multiplied into its ``axis``."""
+    """A parameter that contracts the producer's channels: ``s[channel_map]`` is multiplied into its ``axis``.
+
+    ``channel_map[j]`` is the producer channel read by index ``j`` of ``axis``; None means the identity.
+    """
 
     name: str  # fully qualified parameter name
     module: str  # the module that owns it
     axis: int  # the parameter axis indexed by the producer's channels (non-negative)
+    channel_map: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -81,7 +105,8 @@ class ProducerReads:
     channels: int | None = None
     consumers: dict[str, ConsumerParam] = field(default_factory=dict)  # by parameter name
     consumer_modules: list[str] = field(default_factory=list)  # in order of first read
-    entries: list[tuple[str, int | str]] = field(default_factory=list)  # (module, arg position/kw) it entered
+    # (module, arg position, channel map of that argument's last axis) where a tracked tensor entered a module
+    entries: list[tuple[str, int, tuple[int, ...] | None]] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # reads that forbid folding, as readable reasons
     sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor] | None = None  # (args, kwargs, output) of 1st call
 
@@ -95,8 +120,22 @@ class Dataflow:
     """The result of :func:`trace_dataflow`: reads per producer, and every use of every consumer parameter."""
 
     producers: dict[str, ProducerReads]
-    # parameter name -> list of uses: ("consumer", producer, axis) or ("other", description)
-    param_uses: dict[str, list[tuple[str, str, int | str]]]
+    # parameter name -> list of uses: ("consumer", producer, axis) or ("other", description, -1)
+    param_uses: dict[str, list[tuple[str, str, int]]]
+
+
+def _row_map(cmap: torch.Tensor, shape: torch.Size, channels: int | None) -> tuple[int, ...] | None | bool:
+    """The channel of each index of the last axis, if it is the same along every other axis.
+
+    Returns the map (None for the identity over all ``channels``) or False when the last axis mixes
+    channels across rows.
+    """
+    full = cmap.expand(shape).reshape(-1, shape[-1]) if len(shape) else cmap.reshape(1, 1)
+    row = full[0]
+    if full.shape[0] > 1 and not bool((full == row).all()):
+        return False
+    values = tuple(int(v) for v in row.tolist())
+    return None if len(values) == channels and values == tuple(range(channels)) else values
 
 
 class _Tracer(TorchFunctionMode):
@@ -105,20 +144,21 @@ class _Tracer(TorchFunctionMode):
         self.module_names = module_names
         self.param_names = param_names
         self.reads: dict[str, ProducerReads] = {p: ProducerReads() for p in producers}
-        self.param_uses: dict[str, list[tuple[str, str, int | str]]] = defaultdict(list)
-        self.tracked: dict[int, str] = {}  # id(tensor) -> producer
+        self.param_uses: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+        self.tracked: dict[int, tuple[str, torch.Tensor]] = {}  # id(tensor) -> (producer, channel map on CPU)
         self._keepalive: list[torch.Tensor] = []  # so ids of tracked tensors are not reused
         self.stack: list[str] = []
 
     # -- module bookkeeping (called from global module hooks) -------------------------------------------
-    def enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         name = self.module_names.get(id(module), f"<{type(module).__name__}>")
         self.stack.append(name)
-        places: list[tuple[int | str, Any]] = list(enumerate(args)) + list(kwargs.items())
-        for pos, value in places:
-            producer = self.tracked.get(id(value)) if isinstance(value, torch.Tensor) else None
-            if producer is not None:
-                self.reads[producer].entries.append((name, pos))
+        for pos, value in enumerate(args):
+            hit = self.tracked.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if hit is not None:
+                row = _row_map(hit[1], value.shape, self.reads[hit[0]].channels)
+                if row is not False:
+                    self.reads[hit[0]].entries.append((name, pos, row))  # type: ignore[arg-type]
 
     def leave(self) -> None:
         if self.stack:
@@ -127,9 +167,14 @@ class _Tracer(TorchFunctionMode):
     def where(self) -> str:
         return self.stack[-1] if self.stack else "the model's top level"
 
-    def track(self, tensor: torch.Tensor, producer: str) -> None:
-        self.tracked[id(tensor)] = producer
+    def track(self, tensor: torch.Tensor, producer: str, cmap: torch.Tensor) -> None:
+        self.tracked[id(tensor)] = (producer, cmap)
         self._keepalive.append(tensor)
+
+    def track_output(self, tensor: torch.Tensor, producer: str) -> None:
+        """Start tracking a producer's output: channel ``c`` at index ``c`` of the last axis."""
+        channels = tensor.shape[-1]
+        self.track(tensor, producer, torch.arange(channels).view(*([1] * (tensor.dim() - 1)), channels))
 
     # -- parameters --------------------------------------------------------------------------------------
     def _param_of(self, t: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -162,122 +207,166 @@ class _Tracer(TorchFunctionMode):
             return out
         name = _func_name(func)
         if name in _CONTRACTIONS:
-            self._on_contraction(name, args, kwargs, tracked, params)
+            self._on_contraction(name, args, kwargs, out, tracked, params)
         else:
-            self._on_other(name, args, kwargs, out, tracked, params)
+            self._on_params(name, out, params)
+            if tracked:
+                self._on_tracked(func, name, args, kwargs, out, tracked)
         return out
 
-    def _on_contraction(self, name, args, kwargs, tracked, params) -> None:
+    def _on_params(self, name: str, out: Any, params) -> None:
+        where = self.where()
+        for _t, (pname, _) in params:
+            if name not in _PARAM_VIEWS and name not in _SHAPE_ONLY and isinstance(out, (torch.Tensor, tuple)):
+                self.param_uses[pname].append(("other", f"{name} in {where}", -1))
+
+    def _on_contraction(self, name, args, kwargs, out, tracked, params) -> None:
         x_idx, w_idx, w_axis = _CONTRACTIONS[name]
         operands: dict[int, Any] = dict(enumerate(args))
         for key, value in kwargs.items():
             if key in _CONTRACTION_ARG_NAMES:
                 operands.setdefault(_CONTRACTION_ARG_NAMES[key], value)
         x, w = operands.get(x_idx), operands.get(w_idx)
-        producer = self.tracked.get(id(x)) if isinstance(x, torch.Tensor) else None
+        x_hit = self.tracked.get(id(x)) if isinstance(x, torch.Tensor) else None
         weight = self._param_of(w) if isinstance(w, torch.Tensor) else None
         where = self.where()
-        for t, p in tracked:
-            if t is not x:
-                self.reads[p].add_foreign(f"used as the weight operand of {name} in {where}")
         for t, (pname, _) in params:
             if weight is None or t is not w:
                 self.param_uses[pname].append(("other", f"{name} in {where}", -1))
-        if producer is None or weight is None:
-            if producer is not None:
-                self.reads[producer].add_foreign(f"{name} in {where} with a weight that is not a parameter view")
-            elif weight is not None:
+        for t, (producer, cmap) in tracked:
+            if t is x:
+                continue
+            if t is w and name in ("matmul", "__matmul__", "bmm", "mm") and (x_hit is None or x_hit[0] != producer):
+                self._track_value_operand(out, producer, cmap, t)  # probs @ V: linear in V
+            else:
+                self.reads[producer].add_foreign(f"read by {name} in {where}")
+        if x_hit is None:
+            if weight is not None:
                 self.param_uses[weight[0]].append(("other", f"{name} in {where} on an input we do not fold", -1))
             return
+        producer, cmap = x_hit
+        reads = self.reads[producer]
+        if weight is None:
+            reads.add_foreign(f"contracted by {name} in {where} with a tensor that is not a parameter")
+            return
+        row = _row_map(cmap, x.shape, reads.channels)
         pname, base = weight
         axis = self._param_axis(w, base, w_axis)
-        reads = self.reads[producer]
-        if axis is None:
-            reads.add_foreign(f"{name} in {where}: cannot map the weight view to an axis of {pname}")
+        if row is False or axis is None:
+            why = "channels vary along rows" if row is False else f"cannot map the weight view to an axis of {pname}"
+            reads.add_foreign(f"{name} in {where}: {why}")
             return
         module = pname.rsplit(".", 1)[0] if "." in pname else ""
-        reads.consumers.setdefault(pname, ConsumerParam(pname, module, axis))
+        consumer = ConsumerParam(pname, module, axis, row)  # type: ignore[arg-type]
+        previous = reads.consumers.setdefault(pname, consumer)
+        if previous != consumer:
+            reads.add_foreign(f"{pname} reads it twice with different channel orders")
         if where not in reads.consumer_modules:
             reads.consumer_modules.append(where)
         self.param_uses[pname].append(("consumer", producer, axis))
 
-    def _on_other(self, name, args, kwargs, out, tracked, params) -> None:
-        where = self.where()
-        for t, (pname, _) in params:
-            if name not in _PARAM_VIEWS and name not in _SHAPE_ONLY and isinstance(out, torch.Tensor | tuple):
-                self.param_uses[pname].append(("other", f"{name} in {where}", -1))
-        if not tracked:
+    def _track_value_operand(self, out: Any, producer: str, cmap: torch.Tensor, value: torch.Tensor) -> None:
+        """``out = a @ value`` (or attention over ``value``): each output column keeps ``value``'s channel."""
+        full = cmap.expand(value.shape)
+        first = full.narrow(-2, 0, 1)
+        if not bool((full == first).all()) or not isinstance(out, torch.Tensor):
+            self.reads[producer].add_foreign(f"value operand with channels varying along its rows in {self.where()}")
             return
+        heads_out = out.shape[-3] if out.dim() >= 3 else None
+        if heads_out is not None and first.dim() >= 3 and first.shape[-3] not in (1, heads_out):
+            first = first.repeat_interleave(heads_out // first.shape[-3], dim=-3)  # grouped-query attention
+        self.track(out, producer, first.expand(out.shape))
+
+    def _on_tracked(self, func, name, args, kwargs, out, tracked) -> None:
+        where = self.where()
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        producers = {p for _, (p, _) in tracked}
         if not outs:
             if name in _DATA_READERS:
-                for _, p in tracked:
+                for p in producers:
                     self.reads[p].add_foreign(f"its values are read by {name} in {where}")
             return  # metadata: shape, dtype, ...
         if name in _SHAPE_ONLY:
             return
-        producers = {p for _, p in tracked}
-        if name in _CHANNEL_PRESERVING and len(tracked) == 1 and len(producers) == 1:
-            (x, producer), = tracked
-            channels = self.reads[producer].channels
-            if (
-                x is args[0]
-                and not _touches_last_dim(name, x, args, kwargs)
-                and all(o.dim() > 0 and o.shape[-1] == channels for o in outs)
+        if name == "scaled_dot_product_attention":
+            self._on_attention(args, kwargs, out, tracked)
+            return
+        rule = self._propagate(func, name, args, kwargs, out, tracked)
+        if rule is None:
+            for p in producers:
+                self.reads[p].add_foreign(f"read by {name} in {where}")
+
+    def _propagate(self, func, name, args, kwargs, out, tracked) -> bool | None:
+        """Track ``out`` if ``name`` keeps channels; None if the read is foreign."""
+        (x, (producer, cmap)), others = tracked[0], tracked[1:]
+        if name in _CONCAT:
+            seq = args[0] if args else kwargs.get("tensors")
+            hits = [self.tracked.get(id(t)) for t in seq]
+            if any(h is None or h[0] != producer for h in hits):
+                return None
+            maps = [h[1].expand(t.shape) for h, t in zip(hits, seq)]  # type: ignore[union-attr]
+            self.track(out, producer, func(maps, *args[1:], **kwargs))
+            return True
+        if any(p != producer for _, (p, _) in others) or not isinstance(out, (torch.Tensor, tuple, list)):
+            return None
+        if x is not (args[0] if args else None):
+            if name == "__rmul__" or (name in ("mul", "multiply") and len(args) > 1 and args[1] is x and not others):
+                return self._track_same(out, producer, cmap, x, broadcast=True)
+            return None
+        if name in _SAME_MAP and not others:
+            return self._track_same(out, producer, cmap, x)
+        if name in _SCALE_BY_OTHER and not others:
+            return self._track_same(out, producer, cmap, x, broadcast=True)
+        if name in _ADD and others and len(tracked) == 2:
+            other_t, (_, other_map) = others[0]
+            a, b = cmap.expand(x.shape), other_map.expand(other_t.shape)
+            shape = torch.broadcast_shapes(a.shape, b.shape)
+            if torch.equal(a.expand(shape), b.expand(shape)) and kwargs.get("alpha", 1) == 1:
+                return self._track_same(out, producer, cmap, x, broadcast=True)
+            return None
+        if name in _MOVE_MAP and not others:
+            on_cpu = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, (args[1:], kwargs))
+            map_func = getattr(torch.Tensor, _MAP_OP_ALIASES.get(name, name), None) if not name.startswith(".") else None
+            full = cmap.expand(x.shape).contiguous()
+            moved = getattr(full, name[1:]) if name.startswith(".") else map_func(full, *on_cpu[0], **on_cpu[1])
+            o_list = list(out) if isinstance(out, (tuple, list)) else [out]
+            m_list = list(moved) if isinstance(moved, (tuple, list)) else [moved]
+            if len(o_list) != len(m_list) or any(o.shape != m.shape for o, m in zip(o_list, m_list)):
+                return None
+            for o, m in zip(o_list, m_list):
+                self.track(o, producer, m)
+            return True
+        return None
+
+    def _track_same(self, out, producer, cmap, x, broadcast: bool = False) -> bool | None:
+        if not isinstance(out, torch.Tensor):
+            return None
+        full = cmap.expand(x.shape)
+        if out.shape != x.shape:
+            if not broadcast:
+                return None
+            try:
+                full = full.expand(out.shape)
+            except RuntimeError:
+                return None
+        self.track(out, producer, full)
+        return True
+
+    def _on_attention(self, args, kwargs, out, tracked) -> None:
+        names = ("query", "key", "value")
+        operands = {n: (args[i] if len(args) > i else kwargs.get(n)) for i, n in enumerate(names)}
+        for t, (producer, cmap) in tracked:
+            if t is operands["value"] and not any(
+                operands[n] is not None and self.tracked.get(id(operands[n]), ("",))[0] == producer for n in ("query", "key")
             ):
-                for o in outs:
-                    self.track(o, producer)
-                return
-        for p in producers:
-            self.reads[p].add_foreign(f"read by {name} in {where}")
-
-
-# op -> (position of its ``dim`` argument, default dim); unsqueeze/squeeze are left to the shape check.
-_DIM_ARG: dict[str, tuple[int, int | None]] = {
-    "index_select": (1, None), "narrow": (1, None), "select": (1, None),
-    "chunk": (2, 0), "split": (2, 0), "unbind": (1, 0), "repeat_interleave": (2, None),
-}
-
-
-def _touches_last_dim(name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-    """Whether a channel-preserving op indexes, moves or splits the last (channel) axis of ``x``."""
-    last = x.dim() - 1
-
-    def norm(d: int) -> int:
-        return d % x.dim() if x.dim() else 0
-
-    if name == "__getitem__":
-        index = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if any(i is Ellipsis for i in index):
-            after = index[[i is Ellipsis for i in index].index(True) + 1 :]
-            return any(i is not None for i in after)
-        consumed = 0
-        for i in index:
-            if i is None:
-                continue
-            consumed += i.dim() if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1
-        if consumed <= last:
-            return False
-        last_index = [i for i in index if i is not None][-1]
-        return not (isinstance(last_index, slice) and last_index == slice(None))
-    if name in _DIM_ARG:
-        position, default = _DIM_ARG[name]
-        dim = kwargs.get("dim", args[position] if len(args) > position else default)
-        return dim is not None and norm(dim) == last
-    if name == "transpose":
-        d0, d1 = (args[1], args[2]) if len(args) > 2 else (kwargs.get("dim0"), kwargs.get("dim1"))
-        return last in (norm(d0), norm(d1))
-    if name == "permute":
-        dims = kwargs.get("dims")
-        if dims is None:
-            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
-        return norm(dims[-1]) != last
-    return False
+                self._track_value_operand(out, producer, cmap, t)
+            else:
+                self.reads[producer].add_foreign(f"read by scaled_dot_product_attention in {self.where()}")
 
 
 @contextlib.contextmanager
 def _module_stack_hooks(tracer: _Tracer) -> Iterator[None]:
-    pre = nn.modules.module.register_module_forward_pre_hook(lambda m, a: tracer.enter(m, a, {}))
+    pre = nn.modules.module.register_module_forward_pre_hook(lambda m, a: tracer.enter(m, a))
     post = nn.modules.module.register_module_forward_hook(lambda m, a, o: tracer.leave())
     try:
         yield
@@ -308,7 +397,10 @@ def trace_dataflow(
             reads = tracer.reads[name]
             if isinstance(output, torch.Tensor) and output.dim() > 0:
                 reads.channels = output.shape[-1] if reads.channels is None else reads.channels
-                tracer.track(output, name)
+                if id(output) in tracer.tracked:  # e.g. an identity module: the tensor already has an owner
+                    reads.add_foreign("its output is also another producer's output")
+                    return
+                tracer.track_output(output, name)
                 if reads.sample is None:
                     reads.sample = (args, kwargs, output)
             else:
@@ -326,7 +418,7 @@ def trace_dataflow(
             h.remove()
     for t in tree_flatten(_outputs_as_tree(output))[0]:
         if isinstance(t, torch.Tensor) and id(t) in tracer.tracked:
-            tracer.reads[tracer.tracked[id(t)]].add_foreign("returned from the model as an output")
+            tracer.reads[tracer.tracked[id(t)][0]].add_foreign("returned from the model as an output")
     return Dataflow(producers=tracer.reads, param_uses=dict(tracer.param_uses))
 
 

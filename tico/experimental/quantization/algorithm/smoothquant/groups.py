@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from tico.experimental.quantization.algorithm.smoothquant.dataflow import ConsumerParam, Dataflow
-from tico.experimental.quantization.algorithm.smoothquant.producers import probe_kind, producer_params
+from tico.experimental.quantization.algorithm.smoothquant.producers import (
+    LINEAR_KIND,
+    linear_output_axis,
+    probe_kind,
+    producer_params,
+)
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 
 Status = Literal["smooth", "skip"]
@@ -28,6 +33,7 @@ class ObservationPoint:
     module: str
     where: Literal["input", "output"]
     arg: int = 0
+    channel_map: tuple[int, ...] | None = None  # producer channel of each observed channel (None: identity)
 
 
 @dataclass
@@ -149,7 +155,9 @@ def _skip_reason(
     if reads.foreign:
         more = f" (+{len(reads.foreign) - 2} more)" if len(reads.foreign) > 2 else ""
         return "output is also " + "; ".join(reads.foreign[:2]) + more
-    weight, _ = producer_params(model.get_submodule(producer))
+    module = model.get_submodule(producer)
+    is_linear = linear_output_axis(module) is not None
+    weight = module.weight if is_linear else producer_params(module)[0]  # type: ignore[index]
     if weight is None:
         return "has no affine weight to fold 1/s into"
     for pname, _p in model.get_submodule(producer).named_parameters(recurse=False):
@@ -163,14 +171,16 @@ def _skip_reason(
             return f"feeds the output embedding {c.module}, which is left unsmoothed (usually tied and kept in float)"
         if c.name in shared:
             return f"consumer weight {c.name} is shared with {shared[c.name][0]}"
-        if p.shape[c.axis] != reads.channels:
+        expected = reads.channels if c.channel_map is None else len(c.channel_map)
+        if p.shape[c.axis] != expected:
             return f"consumer {c.name} has {p.shape[c.axis]} input channels, the producer {reads.channels}"
         for use in flow.param_uses.get(c.name, []):
             if use[0] != "consumer" or use[1] != producer or use[2] != c.axis:
                 other = use[1] if use[0] == "other" else f"a contraction of {use[1]}'s output"
                 return f"consumer weight {c.name} is also used by {other}"
-    if weight.numel() != reads.channels:
-        return f"its weight has {weight.numel()} entries for {reads.channels} output channels"
+    out_channels = weight.shape[linear_output_axis(module)] if is_linear else weight.numel()  # type: ignore[index]
+    if out_channels != reads.channels:
+        return f"its weight has {out_channels} output channels, its output {reads.channels}"
     return None
 
 
@@ -193,11 +203,15 @@ def build_plan(model: nn.Module, flow: Dataflow, config: SmoothQuantConfig) -> S
         groups.append(group)
         reason = _skip_reason(model, producer, reads, flow, shared, head_params)
         if reason is None:
-            kind = probe_kind(model.get_submodule(producer), reads.sample) if reads.sample else None
-            if kind is None:
-                reason = "output is not of a known per-channel affine form (see producers.PRODUCER_KINDS)"
+            module = model.get_submodule(producer)
+            if linear_output_axis(module) is not None:
+                group.kind = LINEAR_KIND
             else:
-                group.kind = kind.name
+                kind = probe_kind(module, reads.sample) if reads.sample else None
+                if kind is None:
+                    reason = "output is not of a known per-channel affine form (see producers.PRODUCER_KINDS)"
+                else:
+                    group.kind = kind.name
         if reason is not None:
             group.reason = reason
             continue
@@ -210,9 +224,9 @@ def build_plan(model: nn.Module, flow: Dataflow, config: SmoothQuantConfig) -> S
 def _observation_point(producer: str, reads, config: SmoothQuantConfig) -> ObservationPoint:
     """The consumer input (``acts_from='input'``) or producer output where this group's statistics are taken."""
     if config.acts_from == "input":
-        for module, arg in reads.entries:
-            if module in reads.consumer_modules and isinstance(arg, int):
-                return ObservationPoint(module, "input", arg)
+        for module, arg, channel_map in reads.entries:
+            if module in reads.consumer_modules:
+                return ObservationPoint(module, "input", arg, channel_map)
     # acts_from="output", or no consumer received the tensor as a positional input: the producer's output is
     # the same tensor for every producer form in PRODUCER_KINDS.
     return ObservationPoint(producer, "output")

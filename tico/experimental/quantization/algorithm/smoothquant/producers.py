@@ -53,19 +53,58 @@ def producer_params(module: nn.Module) -> tuple[nn.Parameter | None, nn.Paramete
     return None
 
 
-def find_producers(model: nn.Module) -> dict[str, nn.Module]:
-    """All modules of ``model`` that :func:`producer_params` accepts, by name."""
-    return {name: m for name, m in model.named_modules() if name and producer_params(m) is not None}
+try:  # GPT-2 style layers: y = x @ W + b with W stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+# Linear-like producers: the weight axis that indexes output channels. Folding 1/s divides those rows (and
+# the bias); exact by construction, so no probe is needed. MoE expert tensors are not producers (yet).
+LINEAR_OUTPUT_AXIS: dict[type, int] = {nn.Linear: 0, **({Conv1D: 1} if Conv1D is not None else {})}
+LINEAR_KIND = "linear"
+
+
+def linear_output_axis(module: nn.Module) -> int | None:
+    """The output-channel axis of a Linear-like producer's weight, or None if ``module`` is not one."""
+    return LINEAR_OUTPUT_AXIS.get(type(module))
+
+
+def find_producers(model: nn.Module, linear: bool = False) -> dict[str, nn.Module]:
+    """Norm-like modules (see :func:`producer_params`) and, if ``linear``, Linear-like layers, by name."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if name and (producer_params(m) is not None or (linear and linear_output_axis(m) is not None))
+    }
 
 
 @torch.no_grad()
-def fold_into_producer(module: nn.Module, kind: ProducerKind, scales: torch.Tensor) -> None:
-    """Divide the producer's output by ``scales`` (fp32, one per channel), in place."""
-    weight, bias = producer_params(module)  # type: ignore[misc]
-    s = scales.to(weight.device)
-    weight.copy_(kind.fold_weight(weight.float(), s).to(weight.dtype))
+def fold_into_producer(module: nn.Module, kind: str, scales: torch.Tensor) -> None:
+    """Divide the producer's output by ``scales`` (fp32, one per output channel), in place."""
+    if kind == LINEAR_KIND:
+        axis = linear_output_axis(module)
+        shape = [1, 1]
+        shape[axis] = -1  # type: ignore[index]
+        weight, bias = module.weight, module.bias
+        s = scales.to(weight.device)
+        weight.copy_((weight.float() / s.view(shape)).to(weight.dtype))
+    else:
+        weight, bias = producer_params(module)  # type: ignore[misc]
+        s = scales.to(weight.device)
+        weight.copy_(KINDS_BY_NAME[kind].fold_weight(weight.float(), s).to(weight.dtype))
     if bias is not None:
         bias.copy_((bias.float() / s).to(bias.dtype))
+
+
+def folded_weight(module: nn.Module, kind: str, scales: torch.Tensor) -> torch.Tensor:
+    """The producer weight after :func:`fold_into_producer`, in fp32, without changing the module."""
+    weight = module.weight.detach().float()
+    s = scales.to(weight.device)
+    if kind == LINEAR_KIND:
+        shape = [1, 1]
+        shape[linear_output_axis(module)] = -1  # type: ignore[index]
+        return weight / s.view(shape)
+    return KINDS_BY_NAME[kind].fold_weight(weight, s)
 
 
 @torch.no_grad()
@@ -86,7 +125,7 @@ def probe_kind(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any],
     atol *= float(expected.abs().max()) or 1.0
     try:
         for kind in PRODUCER_KINDS:
-            fold_into_producer(module, kind, s)
+            fold_into_producer(module, kind.name, s)
             try:
                 got = module(*args, **kwargs)
             finally:

@@ -8,6 +8,7 @@ changes weights, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -19,14 +20,16 @@ from tico.experimental.quantization.algorithm.smoothquant.dataflow import trace_
 from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingGroup, SmoothingPlan, build_plan
 from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
 from tico.experimental.quantization.algorithm.smoothquant.producers import (
-    KINDS_BY_NAME,
     find_producers,
     fold_into_producer,
+    folded_weight,
 )
 from tico.experimental.quantization.algorithm.smoothquant.scales import (
     channel_absmax,
     scale_input_channels,
     smoothing_scales,
+    to_columns,
+    to_producer_channels,
 )
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.quantizer import BaseQuantizer
@@ -35,6 +38,12 @@ from tico.experimental.quantization.registry import register_quantizer
 logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 8
+
+
+def observed_width(group: SmoothingGroup) -> int:
+    """How many channels the tensor at the group's observation point has."""
+    point = group.observe
+    return len(point.channel_map) if point is not None and point.channel_map is not None else group.channels  # type: ignore[return-value]
 
 
 class SmoothQuantError(ValueError):
@@ -59,7 +68,13 @@ def example_inputs(
 
 
 def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-    """A forward in eval mode without gradients; the caller's training flags are restored afterwards."""
+    """A forward in eval mode without gradients; the caller's training flags are restored afterwards.
+
+    A KV cache is turned off where the model has one: the cache stores values that only the same attention
+    reads back (so a smoothed model stays consistent), but the trace would count its concatenation as a read.
+    """
+    if "use_cache" in inspect.signature(model.forward).parameters or hasattr(getattr(model, "config", None), "use_cache"):
+        kwargs = {"use_cache": False, **kwargs}
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -102,7 +117,7 @@ class SmoothQuantQuantizer(BaseQuantizer):
         kwargs: dict[str, Any] | None = None,
     ) -> nn.Module:
         self.discover(model, args, kwargs)
-        self.observers = {g.producer: ChannelAbsMaxObserver(g.channels) for g in self.plan.smoothed}  # type: ignore[arg-type]
+        self.observers = {g.producer: ChannelAbsMaxObserver(observed_width(g)) for g in self.plan.smoothed}
         self.attach(model)
         return model
 
@@ -114,7 +129,7 @@ class SmoothQuantQuantizer(BaseQuantizer):
     ) -> SmoothingPlan:
         """Trace one probe forward and build the plan (no hooks are left, no weight changes)."""
         probe_args, probe_kwargs = example_inputs(model, args, kwargs)
-        producers = find_producers(model)
+        producers = find_producers(model, linear=self.config.linear_producers)
         flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs))
         plan = build_plan(model, flow, self.config)
         self._check_alpha_map(model, plan)
@@ -178,9 +193,9 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 f"SmoothQuant cannot convert {type(model).__name__}; nothing was changed:\n  - " + "\n  - ".join(errors)
             )
         for g in groups:  # validated above: from here on nothing can fail for a reason of the plan
-            fold_into_producer(model.get_submodule(g.producer), KINDS_BY_NAME[g.kind], scales[g.producer])  # type: ignore[index]
+            fold_into_producer(model.get_submodule(g.producer), g.kind, scales[g.producer])  # type: ignore[arg-type]
             for c in g.consumers:
-                scale_input_channels(params[c.name], c.axis, scales[g.producer])
+                scale_input_channels(params[c.name], c.axis, to_columns(scales[g.producer], c.channel_map))
             g.scales = scales[g.producer].cpu()
         self._log_done(groups)
         return model
@@ -205,9 +220,13 @@ class SmoothQuantQuantizer(BaseQuantizer):
             if bad:
                 errors.append(f"{where}: activation statistics are NaN/inf in channels {bad[:8]}")
                 continue
-            w_absmax = torch.stack([channel_absmax(params[c.name], c.axis).to(obs.absmax.device) for c in g.consumers])
-            s = smoothing_scales(obs.absmax, w_absmax.amax(dim=0), g.alpha)  # type: ignore[arg-type]
-            errors += self._overflow(model, g, s, w_absmax, params)
+            act = to_producer_channels(obs.absmax, g.observe.channel_map, g.channels)  # type: ignore[union-attr,arg-type]
+            w_cols = [channel_absmax(params[c.name], c.axis).to(act.device) for c in g.consumers]
+            w_absmax = torch.stack(
+                [to_producer_channels(col, c.channel_map, g.channels) for c, col in zip(g.consumers, w_cols)]  # type: ignore[arg-type]
+            )
+            s = smoothing_scales(act, w_absmax.amax(dim=0), g.alpha)  # type: ignore[arg-type]
+            errors += self._overflow(model, g, s, w_cols, params)
             scales[g.producer] = s
         if unobserved:
             if len(unobserved) == len(groups):
@@ -218,18 +237,17 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     @staticmethod
     def _overflow(
-        model: nn.Module, g: SmoothingGroup, s: torch.Tensor, w_absmax: torch.Tensor, params: dict[str, nn.Parameter]
+        model: nn.Module, g: SmoothingGroup, s: torch.Tensor, w_cols: list[torch.Tensor], params: dict[str, nn.Parameter]
     ) -> list[str]:
         """Parameters that would leave their dtype's finite range after scaling."""
         errors = []
-        for c, col in zip(g.consumers, w_absmax):
+        for c, col in zip(g.consumers, w_cols):
             limit = torch.finfo(params[c.name].dtype).max
-            if float((col * s).max()) > limit:
+            if float((col * to_columns(s, c.channel_map)).max()) > limit:
                 errors.append(f"{c.name}: scaling by s would overflow {params[c.name].dtype} (alpha={g.alpha})")
         producer = model.get_submodule(g.producer)
         weight = producer.weight  # type: ignore[union-attr]
-        folded = KINDS_BY_NAME[g.kind].fold_weight(weight.detach().float(), s.to(weight.device))  # type: ignore[index]
-        if not torch.isfinite(folded.to(weight.dtype)).all():
+        if not torch.isfinite(folded_weight(producer, g.kind, s).to(weight.dtype)).all():  # type: ignore[arg-type]
             errors.append(f"{g.producer}.weight: dividing by s would overflow {weight.dtype} (alpha={g.alpha})")
         return errors
 

@@ -57,3 +57,20 @@ def scale_input_channels(param: torch.Tensor, axis: int, scales: torch.Tensor, c
         piece = param[start : start + rows]
         s_piece = s if axis != 0 else s[start : start + rows]
         piece.copy_((piece.float() * s_piece).to(param.dtype))
+
+
+def to_producer_channels(values: torch.Tensor, channel_map: tuple[int, ...] | None, channels: int) -> torch.Tensor:
+    """Per-column maxima (``values[j]`` for column ``j``) as per-producer-channel maxima, via ``channel_map``.
+
+    Several columns may read one channel (a key/value head shared by several query heads); a channel no
+    column reads gets 0, which :func:`smoothing_scales` turns into a scale of 1.
+    """
+    if channel_map is None:
+        return values
+    index = torch.tensor(channel_map, device=values.device)
+    return torch.zeros(channels, dtype=values.dtype, device=values.device).scatter_reduce(0, index, values, "amax")
+
+
+def to_columns(scales: torch.Tensor, channel_map: tuple[int, ...] | None) -> torch.Tensor:
+    """The scale each column sees: ``scales[channel_map[j]]`` (``scales`` itself for the identity)."""
+    return scales if channel_map is None else scales[torch.tensor(channel_map, device=scales.device)]
