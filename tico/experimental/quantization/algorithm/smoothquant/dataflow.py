@@ -108,11 +108,29 @@ class ProducerReads:
     # (module, arg position, channel map of that argument's last axis) where a tracked tensor entered a module
     entries: list[tuple[str, int, tuple[int, ...] | None]] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # reads that forbid folding, as readable reasons
+    pinned: set[int] | None = None  # channels a foreign read touched (must keep s = 1); None: none yet
+    all_pinned: bool = False
     sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor] | None = None  # (args, kwargs, output) of 1st call
 
-    def add_foreign(self, reason: str) -> None:
+    def add_foreign(self, reason: str, cmap: torch.Tensor | None = None) -> None:
+        """Record a read that cannot absorb ``s``: it pins the channels in ``cmap`` (all channels if None).
+
+        A fused ``qkv`` output whose query/key part goes to RoPE pins only those channels; its value part can
+        still be smoothed into the output projection.
+        """
         if reason not in self.foreign:
             self.foreign.append(reason)
+        if cmap is None:
+            self.all_pinned = True
+        else:
+            self.pinned = (self.pinned or set()) | set(torch.unique(cmap).tolist())
+
+    @property
+    def pinned_channels(self) -> set[int]:
+        """Every channel that must keep scale 1."""
+        if self.all_pinned:
+            return set(range(self.channels or 0))
+        return set(self.pinned or ())
 
 
 @dataclass
@@ -236,10 +254,12 @@ class _Tracer(TorchFunctionMode):
         for t, (producer, cmap) in tracked:
             if t is x:
                 continue
-            if t is w and name in ("matmul", "__matmul__", "bmm", "mm") and (x_hit is None or x_hit[0] != producer):
-                self._track_value_operand(out, producer, cmap, t)  # probs @ V: linear in V
+            if t is w and name in ("matmul", "__matmul__", "bmm", "mm"):
+                # probs @ V is linear in V. If the other operand derives from this producer too, its channels
+                # are pinned (scale 1) by its own foreign read below, so it does not change either.
+                self._track_value_operand(out, producer, cmap, t)
             else:
-                self.reads[producer].add_foreign(f"read by {name} in {where}")
+                self.reads[producer].add_foreign(f"read by {name} in {where}", cmap)
         if x_hit is None:
             if weight is not None:
                 self.param_uses[weight[0]].append(("other", f"{name} in {where} on an input we do not fold", -1))
@@ -247,14 +267,14 @@ class _Tracer(TorchFunctionMode):
         producer, cmap = x_hit
         reads = self.reads[producer]
         if weight is None:
-            reads.add_foreign(f"contracted by {name} in {where} with a tensor that is not a parameter")
+            reads.add_foreign(f"contracted by {name} in {where} with a tensor that is not a parameter", cmap)
             return
         row = _row_map(cmap, x.shape, reads.channels)
         pname, base = weight
         axis = self._param_axis(w, base, w_axis)
         if row is False or axis is None:
             why = "channels vary along rows" if row is False else f"cannot map the weight view to an axis of {pname}"
-            reads.add_foreign(f"{name} in {where}: {why}")
+            reads.add_foreign(f"{name} in {where}: {why}", cmap)
             return
         module = pname.rsplit(".", 1)[0] if "." in pname else ""
         consumer = ConsumerParam(pname, module, axis, row)  # type: ignore[arg-type]
@@ -270,7 +290,7 @@ class _Tracer(TorchFunctionMode):
         full = cmap.expand(value.shape)
         first = full.narrow(-2, 0, 1)
         if not bool((full == first).all()) or not isinstance(out, torch.Tensor):
-            self.reads[producer].add_foreign(f"value operand with channels varying along its rows in {self.where()}")
+            self.reads[producer].add_foreign(f"value operand with channels varying along its rows in {self.where()}", cmap)
             return
         heads_out = out.shape[-3] if out.dim() >= 3 else None
         if heads_out is not None and first.dim() >= 3 and first.shape[-3] not in (1, heads_out):
@@ -283,8 +303,8 @@ class _Tracer(TorchFunctionMode):
         producers = {p for _, (p, _) in tracked}
         if not outs:
             if name in _DATA_READERS:
-                for p in producers:
-                    self.reads[p].add_foreign(f"its values are read by {name} in {where}")
+                for _t, (p, cmap) in tracked:
+                    self.reads[p].add_foreign(f"its values are read by {name} in {where}", cmap)
             return  # metadata: shape, dtype, ...
         if name in _SHAPE_ONLY:
             return
@@ -293,8 +313,8 @@ class _Tracer(TorchFunctionMode):
             return
         rule = self._propagate(func, name, args, kwargs, out, tracked)
         if rule is None:
-            for p in producers:
-                self.reads[p].add_foreign(f"read by {name} in {where}")
+            for _t, (p, cmap) in tracked:
+                self.reads[p].add_foreign(f"read by {name} in {where}", cmap)
 
     def _propagate(self, func, name, args, kwargs, out, tracked) -> bool | None:
         """Track ``out`` if ``name`` keeps channels; None if the read is foreign."""
@@ -356,12 +376,10 @@ class _Tracer(TorchFunctionMode):
         names = ("query", "key", "value")
         operands = {n: (args[i] if len(args) > i else kwargs.get(n)) for i, n in enumerate(names)}
         for t, (producer, cmap) in tracked:
-            if t is operands["value"] and not any(
-                operands[n] is not None and self.tracked.get(id(operands[n]), ("",))[0] == producer for n in ("query", "key")
-            ):
+            if t is operands["value"]:  # linear in the value; query/key channels (if any) are pinned below
                 self._track_value_operand(out, producer, cmap, t)
             else:
-                self.reads[producer].add_foreign(f"read by scaled_dot_product_attention in {self.where()}")
+                self.reads[producer].add_foreign(f"read by scaled_dot_product_attention in {self.where()}", cmap)
 
 
 @contextlib.contextmanager
@@ -418,7 +436,8 @@ def trace_dataflow(
             h.remove()
     for t in tree_flatten(_outputs_as_tree(output))[0]:
         if isinstance(t, torch.Tensor) and id(t) in tracer.tracked:
-            tracer.reads[tracer.tracked[id(t)][0]].add_foreign("returned from the model as an output")
+            producer, cmap = tracer.tracked[id(t)]
+            tracer.reads[producer].add_foreign("returned from the model as an output", cmap)
     return Dataflow(producers=tracer.reads, param_uses=dict(tracer.param_uses))
 
 

@@ -19,6 +19,7 @@ from tico.experimental.quantization.algorithm.smoothquant.producers import (
     LINEAR_KIND,
     linear_output_axis,
     probe_kind,
+    probe_linear,
     producer_params,
 )
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
@@ -49,6 +50,8 @@ class SmoothingGroup:
     kind: str | None = None  # producer kind, see producers.PRODUCER_KINDS
     alpha: float | None = None
     observe: ObservationPoint | None = None
+    pinned: tuple[int, ...] = ()  # channels kept at scale 1 because something else reads them
+    pinned_why: str = ""
     scales: torch.Tensor | None = field(default=None, repr=False)  # set by convert
 
     @property
@@ -60,7 +63,10 @@ class SmoothingGroup:
         short = _relative(self.block)
         target = ", ".join(short(m) for m in self.consumer_modules)
         head = f"{short(self.producer)} -> [{target}]"
-        return f"{head} alpha={self.alpha:g}" if self.status == "smooth" else f"{head}: {self.reason}"
+        if self.status != "smooth":
+            return f"{head}: {self.reason}"
+        kept = f" ({len(self.pinned)}/{self.channels} channels kept at 1: {self.pinned_why})" if self.pinned else ""
+        return f"{head} alpha={self.alpha:g}{kept}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +78,7 @@ class SmoothingGroup:
             "status": self.status,
             "reason": self.reason,
             "alpha": self.alpha,
+            "pinned": list(self.pinned),
             "scales": None if self.scales is None else self.scales.tolist(),
         }
 
@@ -107,6 +114,11 @@ class SmoothingPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [g.to_dict() for g in self.groups]}
+
+
+def _foreign_text(reads) -> str:
+    more = f" (+{len(reads.foreign) - 2} more)" if len(reads.foreign) > 2 else ""
+    return "; ".join(reads.foreign[:2]) + more
 
 
 def _relative(block: str | None):
@@ -152,9 +164,8 @@ def _skip_reason(
     head_params: set[int],
 ) -> str | None:
     """Why the group of ``producer`` cannot be folded exactly, or None if it can."""
-    if reads.foreign:
-        more = f" (+{len(reads.foreign) - 2} more)" if len(reads.foreign) > 2 else ""
-        return "output is also " + "; ".join(reads.foreign[:2]) + more
+    if reads.foreign and len(reads.pinned_channels) >= (reads.channels or 0):
+        return "output is also " + _foreign_text(reads)
     module = model.get_submodule(producer)
     is_linear = linear_output_axis(module) is not None
     weight = module.weight if is_linear else producer_params(module)[0]  # type: ignore[index]
@@ -205,7 +216,10 @@ def build_plan(model: nn.Module, flow: Dataflow, config: SmoothQuantConfig) -> S
         if reason is None:
             module = model.get_submodule(producer)
             if linear_output_axis(module) is not None:
-                group.kind = LINEAR_KIND
+                if probe_linear(module, reads.sample):
+                    group.kind = LINEAR_KIND
+                else:
+                    reason = f"{type(module).__name__}'s output is not x @ W.T + b (its forward was probed)"
             else:
                 kind = probe_kind(module, reads.sample) if reads.sample else None
                 if kind is None:
@@ -216,6 +230,9 @@ def build_plan(model: nn.Module, flow: Dataflow, config: SmoothQuantConfig) -> S
             group.reason = reason
             continue
         group.status = "smooth"
+        if reads.foreign:
+            group.pinned = tuple(sorted(reads.pinned_channels))
+            group.pinned_why = _foreign_text(reads)
         group.alpha = config.alpha_for([producer, *group.consumer_modules])
         group.observe = _observation_point(producer, reads, config)
     return SmoothingPlan(groups)

@@ -65,8 +65,14 @@ LINEAR_KIND = "linear"
 
 
 def linear_output_axis(module: nn.Module) -> int | None:
-    """The output-channel axis of a Linear-like producer's weight, or None if ``module`` is not one."""
-    return LINEAR_OUTPUT_AXIS.get(type(module))
+    """The output-channel axis of a Linear-like producer's weight, or None if ``module`` is not one.
+
+    Subclasses (e.g. Falcon's ``FalconLinear``) count too; :func:`probe_linear` checks their forward.
+    """
+    for cls in type(module).__mro__:
+        if cls in LINEAR_OUTPUT_AXIS:
+            return LINEAR_OUTPUT_AXIS[cls]
+    return None
 
 
 def find_producers(model: nn.Module, linear: bool = False) -> dict[str, nn.Module]:
@@ -105,6 +111,36 @@ def folded_weight(module: nn.Module, kind: str, scales: torch.Tensor) -> torch.T
         shape[linear_output_axis(module)] = -1  # type: ignore[index]
         return weight / s.view(shape)
     return KINDS_BY_NAME[kind].fold_weight(weight, s)
+
+
+@torch.no_grad()
+def probe_linear(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor] | None) -> bool:
+    """Whether dividing the weight's output rows (and the bias) by ``s`` divides ``module``'s output by ``s``.
+
+    True without running anything for the exact built-in types; subclasses with their own forward are
+    re-run once on an input they saw, with the parameters restored bit for bit afterwards.
+    """
+    if type(module) in LINEAR_OUTPUT_AXIS:
+        return True
+    if sample is None:
+        return False
+    args, kwargs, reference = sample
+    saved = [p.detach().clone() for p in (module.weight, module.bias) if p is not None]
+    s = (0.5 + 1.5 * torch.rand(reference.shape[-1], generator=torch.Generator().manual_seed(0))).to(reference.device)
+    try:
+        fold_into_producer(module, LINEAR_KIND, s)
+        got = module(*args, **kwargs)
+    except Exception:
+        return False
+    finally:
+        for p, original in zip((q for q in (module.weight, module.bias) if q is not None), saved):
+            p.copy_(original)
+    expected = reference.float() / s
+    low = reference.dtype in (torch.float16, torch.bfloat16)
+    atol = (3e-2 if low else 1e-5) * (float(expected.abs().max()) or 1.0)
+    return isinstance(got, torch.Tensor) and got.shape == reference.shape and torch.allclose(
+        got.float(), expected, rtol=3e-2 if low else 1e-4, atol=atol
+    )
 
 
 @torch.no_grad()

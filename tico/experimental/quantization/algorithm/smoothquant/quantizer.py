@@ -226,6 +226,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 [to_producer_channels(col, c.channel_map, g.channels) for c, col in zip(g.consumers, w_cols)]  # type: ignore[arg-type]
             )
             s = smoothing_scales(act, w_absmax.amax(dim=0), g.alpha)  # type: ignore[arg-type]
+            if g.pinned:
+                s[torch.tensor(g.pinned, device=s.device)] = 1.0
             errors += self._overflow(model, g, s, w_cols, params)
             scales[g.producer] = s
         if unobserved:
