@@ -12,7 +12,10 @@ _REGISTRY: dict[type[BaseConfig], type[BaseQuantizer]] = {}
 
 # Quantizer modules imported on first lookup, so importing the public interface stays cheap and an
 # algorithm's module registers itself with the decorator below.
-_BUILTIN_MODULES = ("tico.experimental.quantization.algorithm.smoothquant.quantizer",)
+_BUILTIN_MODULES = (
+    "tico.experimental.quantization.algorithm.smoothquant.quantizer",
+    "tico.experimental.quantization.algorithm.w8a8.quantizer",
+)
 
 Q = TypeVar("Q", bound=type[BaseQuantizer])
 

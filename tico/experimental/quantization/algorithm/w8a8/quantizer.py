@@ -1,0 +1,233 @@
+"""W8A8 behind the prepare/convert contract, with SmoothQuant composed into the same calibration pass.
+
+prepare: discover smoothing groups (if smoothing is configured), then hook one sampled observer per distinct
+Linear input: one per smoothing group (all its consumers read the same tensor) and one per other Linear.
+convert: choose alphas (fixed or searched), check every statistic, fold the smoothing, then swap every
+Linear-like layer for a :class:`W8A8Linear` whose static range is derived from the same statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantError, SmoothQuantQuantizer
+from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales
+from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
+from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, search_alpha
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.quantizer import BaseQuantizer
+from tico.experimental.quantization.registry import register_quantizer
+from tico.experimental.quantization.w8a8.linear import W8A8Linear
+
+logger = logging.getLogger(__name__)
+
+try:  # GPT-2 style layers: y = x @ W + b with W stored [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the module importable
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear`` (GPT-2 ``Conv1D`` is transposed into one; its parameters are not shared)."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = module.weight.detach().t()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
+
+
+def _weight_rows(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``[out, in]`` fp32 (a view for ``nn.Linear``)."""
+    w = module.weight.detach()
+    return (w if isinstance(module, nn.Linear) else w.t()).float()
+
+
+@dataclass
+class W8A8Report:
+    """What convert did: the layers it swapped and those it left in float, with the reason."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)  # group or layer -> alpha used
+    act_ranges: dict[str, float] = field(default_factory=dict)  # layer -> static range (static only)
+
+    def summary(self) -> str:
+        lines = [f"W8A8: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept in float"]
+        lines += [f"  float {name}: {why}" for name, why in self.kept_float.items()]
+        return "\n".join(lines)
+
+
+@register_quantizer(W8A8Config)
+class W8A8Quantizer(BaseQuantizer):
+    """Quantizes every Linear-like layer to int8 weights and int8 activations, smoothing first if configured."""
+
+    config: W8A8Config
+
+    def __init__(self, config: W8A8Config) -> None:
+        super().__init__(config)
+        self.sq = SmoothQuantQuantizer(config.smoothing, scored_by="w8a8") if config.smoothing is not None else None
+        self.targets: list[str] = []
+        self.observer_of: dict[str, str] = {}  # target layer -> observer key
+        self.observers: dict[str, SampledChannelObserver] = {}
+        self.points: dict[str, ObservationPoint] = {}
+        self.report = W8A8Report()
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def plan(self):
+        """The smoothing plan (None without smoothing)."""
+        return None if self.sq is None else self.sq.plan
+
+    # -- prepare -------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
+        self.targets, self.report.kept_float = self._select_targets(model)
+        if not self.targets:
+            logger.warning("W8A8 found no Linear layer to quantize in %s", type(model).__name__)
+        rows = self.config.calibration_rows if self.config.needs_samples else 0
+        grouped: dict[str, SmoothingGroup] = {}
+        if self.sq is not None:
+            for g in self.sq.discover(model, args, kwargs).smoothed:
+                key = f"group:{g.producer}"
+                self.observers[key] = SampledChannelObserver(g.channels, rows)  # type: ignore[arg-type]
+                self.points[key] = g.observe  # type: ignore[assignment]
+                self.sq.observers[g.producer] = self.observers[key]  # SmoothQuant reads the same statistics
+                for module in g.consumer_modules:
+                    grouped[module] = g
+        for name in self.targets:
+            if name in grouped:
+                self.observer_of[name] = f"group:{grouped[name].producer}"
+                continue
+            module = model.get_submodule(name)
+            self.observer_of[name] = name
+            self.observers[name] = SampledChannelObserver(_weight_rows(module).shape[1], rows)
+            self.points[name] = ObservationPoint(name, "input", 0)
+        self.attach(model)
+        return model
+
+    def _select_targets(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        targets, kept = [], {}
+        for name, module in model.named_modules():
+            if any(name == p or name.startswith(p + ".") for p in self.config.ignore):
+                if isinstance(module, LINEAR_TYPES):
+                    kept[name] = "in W8A8Config.ignore"
+                continue
+            if isinstance(module, LINEAR_TYPES):
+                if module is head and not self.config.quantize_lm_head:
+                    kept[name] = "output embedding (LM head) is kept in float; set quantize_lm_head=True to quantize it"
+                else:
+                    targets.append(name)
+            elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
+                kept[name] = "fused expert tensors are not quantized yet (only Linear-like layers are)"
+        unknown = [p for p in self.config.ignore if p not in dict(model.named_modules())]
+        if unknown:
+            raise ValueError(f"W8A8Config.ignore names that are not modules of {type(model).__name__}: {unknown}")
+        return targets, kept
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        self.detach(model)
+        for key, obs in self.observers.items():
+            self._handles.append(obs.attach(model, self.points[key]))
+
+    def detach(self, model: nn.Module) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- convert -------------------------------------------------------------------------------------------
+    def convert(self, model: nn.Module) -> nn.Module:
+        cfg = self.config
+        self._check_statistics()
+        quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
+        groups = self.sq.plan.smoothed if self.sq is not None else []
+        if self.sq is not None and self.sq.config.alpha_is_auto:
+            for g in groups:
+                obs = self.observers[f"group:{g.producer}"]
+                weights = [_weight_rows(model.get_submodule(m)) for m in g.consumer_modules if self._is_linear(model, m)]
+                if weights and obs.rows_sample is not None:
+                    g.alpha, _ = search_alpha(obs.rows_sample, obs.absmax, weights, cfg.alpha_grid, quant)
+        if self.sq is not None:
+            self.sq.convert(model)  # validates every group before folding anything
+            self.report.alphas.update({g.producer: g.alpha for g in groups})  # type: ignore[misc]
+        folded = {f"group:{g.producer}": g.scales for g in groups}
+        replacements: dict[str, nn.Module] = {}
+        for name in self.targets:
+            key = self.observer_of[name]
+            obs = self.observers[key]
+            module = model.get_submodule(name)
+            act_absmax, sample = obs.absmax, obs.rows_sample  # of the unsmoothed input
+            smooth = None
+            if key in folded:  # the producer now emits x / s
+                s = folded[key].to(act_absmax.device)
+                act_absmax, sample = act_absmax / s, None if sample is None else sample.float() / s.to(sample.device)
+            elif cfg.smooth_in_quantizer and self.sq is not None:
+                smooth = self._in_quantizer_scales(name, module, obs, quant)
+                act_absmax, sample = act_absmax / smooth, None if sample is None else sample.float() / smooth.to(sample.device)
+            act_scale = None
+            if cfg.activations == "static":
+                r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile)
+                self.report.act_ranges[name] = r
+                act_scale = max(r, 1e-12) / 127.0
+            replacements[name] = W8A8Linear.from_linear(
+                as_linear(module),
+                weight_granularity=cfg.weights,
+                act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
+                act_scale=act_scale,
+                smooth_scale=smooth,
+                backend=cfg.backend,
+            )
+        for name, new in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
+        self.report.quantized = list(replacements)
+        logger.info("%s", self.report.summary())
+        return model
+
+    @staticmethod
+    def _is_linear(model: nn.Module, name: str) -> bool:
+        return isinstance(model.get_submodule(name), LINEAR_TYPES)
+
+    def _in_quantizer_scales(self, name: str, module: nn.Module, obs: SampledChannelObserver, quant: DeployedQuant) -> torch.Tensor:
+        """Smoothing scales applied inside the activation quantizer of a layer whose input no producer absorbs."""
+        assert self.sq is not None
+        weight = _weight_rows(module)
+        alpha = self.sq.config.alpha_for([name])
+        if self.sq.config.alpha_is_auto and obs.rows_sample is not None:
+            alpha, _ = search_alpha(obs.rows_sample, obs.absmax, [weight], self.config.alpha_grid, quant)
+        self.report.alphas[name] = alpha
+        return smoothing_scales(obs.absmax, channel_absmax(weight, 1).to(obs.absmax.device), alpha)
+
+    def _check_statistics(self) -> None:
+        """Every observer saw data of the right shape, all finite; else one error listing the layers."""
+        errors, unseen = [], []
+        for key, obs in self.observers.items():
+            where = self.points[key].module
+            if obs.bad_shape is not None:
+                errors.append(f"{where}: saw a tensor of shape {list(obs.bad_shape)}, expected {obs.channels} channels last")
+            elif obs.absmax is None:
+                unseen.append(where)
+            elif not torch.isfinite(obs.absmax).all():
+                errors.append(f"{where}: activation statistics contain NaN/inf")
+        if unseen:
+            if len(unseen) == len(self.observers):
+                errors.insert(0, "no calibration forward was run after prepare(): run the model on calibration data first")
+            else:
+                errors.append(f"no activations were observed at {unseen}")
+        if errors:
+            raise SmoothQuantError("W8A8 cannot convert; nothing was changed:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,53 @@
+"""Static per-tensor activation ranges: abs-max, MSE-optimal clipping, or a percentile.
+
+Abs-max over a calibration set is hostage to a few extreme tokens; clipping them costs a little error on those
+tokens and buys resolution for all the others. ``mse`` picks the clip that minimises the quantization error of
+the calibration sample, with exactly the quantizer that will be deployed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = 127.0
+CLIP_RATIOS = torch.linspace(0.05, 1.0, 96)
+
+
+def fake_quant_per_tensor(x: torch.Tensor, absmax: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 quantize-dequantize with one scale ``absmax / 127`` (round half to even, clamp)."""
+    scale = torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-12) / QMAX
+    return torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+
+
+def mse_range(sample: torch.Tensor, absmax: float) -> float:
+    """The clip in ``(0, absmax]`` minimising ``sum (x - q(x))**2`` over ``sample`` (fp32)."""
+    if absmax <= 0:
+        return 0.0
+    x = sample.float().flatten()
+    best, best_err = absmax, float("inf")
+    for ratio in CLIP_RATIOS.tolist():
+        clip = absmax * ratio
+        err = float((fake_quant_per_tensor(x, clip) - x).pow(2).sum())
+        if err < best_err:
+            best, best_err = clip, err
+    return best
+
+
+def percentile_range(sample: torch.Tensor, absmax: float, percentile: float) -> float:
+    """The ``percentile`` of ``|x|`` over ``sample``, never above ``absmax``."""
+    x = sample.float().abs().flatten()
+    if x.numel() == 0:
+        return absmax
+    k = max(1, min(x.numel(), int(round(percentile / 100.0 * x.numel()))))
+    return min(absmax, float(torch.kthvalue(x, k).values))
+
+
+def static_range(method: str, sample: torch.Tensor | None, absmax: float, percentile: float) -> float:
+    """The range ``r`` of a static per-tensor int8 scale ``r / 127`` under ``method``."""
+    if method == "absmax" or sample is None:
+        return absmax
+    if method == "mse":
+        return mse_range(sample, absmax)
+    if method == "percentile":
+        return percentile_range(sample, absmax, percentile)
+    raise ValueError(f"unknown activation range method {method!r}; expected 'absmax', 'mse' or 'percentile'")

@@ -1,0 +1,100 @@
+"""Settings of W8A8 quantization (int8 weights, int8 activations), optionally composed with SmoothQuant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from tico.experimental.quantization.config.base import BaseConfig
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+
+WeightGranularity = Literal["per_channel", "per_tensor"]
+Activations = Literal["dynamic", "static"]
+ActRange = Literal["absmax", "mse", "percentile"]
+Backend = Literal["int8", "fake"]
+
+
+def _one_of(value: object, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"W8A8Config.{where} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class W8A8Config(BaseConfig):
+    """int8 weights and int8 activations for every Linear-like layer, with smoothing in the same calibration.
+
+    ``prepare(model, W8A8Config(...))`` observes, in **one** calibration pass, what smoothing needs (per-channel
+    abs-max) and what static activation ranges need (the same abs-max, plus a bounded sample of rows for
+    error-minimising ranges and ``alpha="auto"``): the range of a smoothed activation follows from the
+    statistics of the unsmoothed one, ``max_j max|X_j| / s_j``, so no second pass over the data is needed.
+
+    Args:
+        smoothing: a :class:`SmoothQuantConfig` to smooth before quantizing, or None for naive W8A8. Its
+            ``alpha`` may be ``"auto"`` here (see ``alpha_grid``).
+        weights: int8 symmetric weight scales ``"per_channel"`` (one per output channel) or ``"per_tensor"``.
+        activations: ``"dynamic"``: one int8 scale per token computed at run time; ``"static"``: one scale
+            per tensor fixed from calibration.
+        act_range: how a static range is chosen: ``"absmax"`` over the calibration data, ``"mse"`` (the clip
+            that minimises the activation's quantization error on the calibration sample) or ``"percentile"``.
+        percentile: the percentile of ``|x|`` used when ``act_range="percentile"``.
+        smooth_in_quantizer: for Linear inputs that no producer can absorb ``1/s`` for (``o_proj``,
+            ``down_proj``, post-LN models, MoE expert outputs), apply the smoothing scale inside the activation
+            quantizer instead (``x/s`` fused into the int8 quantization step, ``W*s`` into the int8 weights).
+        quantize_attention: also fake-quantize the query/key/value inputs of the attention matmuls per tensor,
+            as the paper's W8A8 settings do (static scales from the same calibration).
+        ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
+            kept in float unless ``quantize_lm_head`` is set.
+        quantize_lm_head: quantize the output embedding too.
+        backend: ``"int8"`` (real int8 matmuls via ``torch._int_mm``) or ``"fake"`` (float simulation with
+            identical rounding and clamping, for accuracy studies on any device).
+        alpha_grid: candidate alphas for ``smoothing.alpha="auto"``.
+        calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
+            than ``"absmax"`` and for ``alpha="auto"``.
+        bits: must be 8; any other value is rejected (only int8 is implemented).
+    """
+
+    smoothing: SmoothQuantConfig | None = None
+    weights: WeightGranularity = "per_channel"
+    activations: Activations = "dynamic"
+    act_range: ActRange = "mse"
+    percentile: float = 99.99
+    smooth_in_quantizer: bool = False
+    quantize_attention: bool = False
+    ignore: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+    backend: Backend = "int8"
+    alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+    calibration_rows: int = 2048
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise ValueError(f"W8A8Config.bits must be 8 (only int8 is implemented), got {self.bits!r}")
+        _one_of(self.weights, ("per_channel", "per_tensor"), "weights")
+        _one_of(self.activations, ("dynamic", "static"), "activations")
+        _one_of(self.act_range, ("absmax", "mse", "percentile"), "act_range")
+        _one_of(self.backend, ("int8", "fake"), "backend")
+        if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuantConfig):
+            raise ValueError(f"W8A8Config.smoothing must be a SmoothQuantConfig or None, got {type(self.smoothing).__name__}")
+        if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
+            raise ValueError(f"W8A8Config.percentile must be in (0, 100], got {self.percentile!r}")
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        grid = tuple(float(a) for a in self.alpha_grid)
+        if not grid or any(not math.isfinite(a) or not 0 <= a <= 1 for a in grid):
+            raise ValueError(f"W8A8Config.alpha_grid must be non-empty alphas in [0, 1], got {self.alpha_grid!r}")
+        object.__setattr__(self, "alpha_grid", grid)
+        if not isinstance(self.calibration_rows, int) or self.calibration_rows < 1:
+            raise ValueError(f"W8A8Config.calibration_rows must be a positive int, got {self.calibration_rows!r}")
+
+    @property
+    def name(self) -> str:
+        return "w8a8"
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether calibration keeps a row sample (error-minimising ranges or the alpha search need one)."""
+        auto = self.smoothing is not None and self.smoothing.alpha_is_auto
+        return auto or (self.activations == "static" and self.act_range != "absmax")

@@ -1,0 +1,178 @@
+"""Text loading and tokenization shared by calibration, perplexity, fidelity checks and benchmarks.
+
+All evaluation in this package follows one convention, so numbers from different tools can be compared:
+the whole text is tokenized **once** as one stream (no per-line or per-chunk tokenization, which would
+insert a BOS / dummy-prefix space at every boundary and change the token sequence), with a single BOS at
+the very start when the tokenizer has one. Windows are then cut from that stream by token position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "read_text",
+    "tokenize_text",
+    "cut_windows",
+    "token_windows",
+    "calibration_windows",
+    "bos_token_id",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """The UTF-8 contents of ``path``, unchanged (no stripping, no line joining).
+
+    Raises a :class:`FileNotFoundError` that names the resolved path, because a relative path that is
+    resolved against an unexpected working directory is the usual cause of a missing data file.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        where = p.resolve()
+        what = "is a directory, not a text file" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"text file {str(path)!r} {what} (resolved to {where})")
+    return p.read_text(encoding="utf-8")
+
+
+def bos_token_id(tokenizer: Any) -> int | None:
+    """The tokenizer's BOS id, or ``None`` when it has none (GPT-2-style BPE tokenizers, for example)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos) if bos is not None else None
+
+
+def tokenize_text(tokenizer: Any, text: str, add_bos: bool = True) -> torch.Tensor:
+    """Tokenize ``text`` as one stream; returns a 1-D ``LongTensor``.
+
+    Special tokens are not added by the tokenizer (its post-processor might add BOS and/or EOS, and
+    only one BOS at the very start is wanted); when ``add_bos`` is true and the tokenizer has a BOS
+    token, it is prepended once. ``verbose=False`` silences the "sequence length is longer than the
+    specified maximum" warning, which is irrelevant here: the stream is cut into windows afterwards.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    bos = bos_token_id(tokenizer) if add_bos else None
+    if bos is not None:
+        ids = [bos, *ids]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _as_stream(ids: torch.Tensor) -> torch.Tensor:
+    """Accept a 1-D token stream or the ``[1, N]`` tensor a tokenizer returns with ``return_tensors='pt'``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"expected a LongTensor of token ids, got {type(ids).__name__}")
+    if ids.dim() == 2 and ids.size(0) == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(
+            f"expected a token stream of shape [N] or [1, N], got shape {list(ids.shape)}; "
+            "to score pre-cut windows, flatten them or pass them one at a time"
+        )
+    if ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
+    return ids.long()
+
+
+def cut_windows(
+    ids: torch.Tensor,
+    seq_len: int,
+    num_windows: int | None = None,
+    start: int = 0,
+    stride: int | None = None,
+) -> torch.Tensor:
+    """Cut full windows of ``seq_len`` tokens from a token stream; returns ``[n, seq_len]``.
+
+    Window ``k`` is ``ids[start + k * stride : start + k * stride + seq_len]``. ``stride`` defaults to
+    ``seq_len`` (disjoint, adjacent windows); a smaller stride gives overlapping windows, a larger one
+    leaves gaps. Only full windows are cut: the tail shorter than ``seq_len`` is left out, so every row has
+    the same length and can be batched. With ``num_windows=None`` every full window is returned.
+
+    Raises :class:`ValueError` naming the numbers when the stream is too short for even one window, or for
+    the ``num_windows`` asked for, so a wrong file or a wrong ``seq_len`` is caught at once.
+    """
+    ids = _as_stream(ids)
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    stride = seq_len if stride is None else stride
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if num_windows is not None and num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1 or None, got {num_windows}")
+    total = ids.numel()
+    available = 0 if total - start < seq_len else (total - start - seq_len) // stride + 1
+    if available == 0:
+        raise ValueError(
+            f"text too short: {total} tokens, but a window of seq_len={seq_len} starting at token {start} "
+            f"needs at least {start + seq_len}"
+        )
+    if num_windows is None:
+        num_windows = available
+    elif num_windows > available:
+        needed = start + (num_windows - 1) * stride + seq_len
+        raise ValueError(
+            f"text too short: {num_windows} windows of seq_len={seq_len} with stride={stride} from token "
+            f"{start} need {needed} tokens, but the text has {total} (room for {available} windows)"
+        )
+    # unfold gives a view into the stream; clone so windows can be modified or moved independently.
+    return ids[start:].unfold(0, seq_len, stride)[:num_windows].clone()
+
+
+def token_windows(
+    tokenizer: Any,
+    text: str | torch.Tensor,
+    seq_len: int,
+    num_windows: int | None = None,
+    start: int = 0,
+    stride: int | None = None,
+    add_bos: bool = True,
+) -> torch.Tensor:
+    """Tokenize ``text`` once (one BOS at the very start) and cut windows; returns ``[n, seq_len]``.
+
+    ``text`` may also be an already tokenized stream (a ``[N]`` or ``[1, N]`` LongTensor), in which case
+    ``tokenizer`` and ``add_bos`` are not used. ``start`` counts tokens of the stream, BOS included, so
+    only a window that starts at 0 begins with the BOS. See :func:`cut_windows` for the other arguments
+    and the errors.
+    """
+    ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text, add_bos=add_bos)
+    windows = cut_windows(ids, seq_len, num_windows=num_windows, start=start, stride=stride)
+    logger.debug("cut %d windows of %d tokens from a stream of %d tokens", windows.size(0), seq_len, ids.numel())
+    return windows
+
+
+def calibration_windows(
+    tokenizer: Any,
+    text: str | torch.Tensor,
+    seq_len: int,
+    num_windows: int,
+    seed: int | None = 0,
+    add_bos: bool = True,
+) -> torch.Tensor:
+    """``num_windows`` disjoint windows of ``seq_len`` tokens for calibration; returns ``[n, seq_len]``.
+
+    Calibration statistics (activation abs-max) should see the whole corpus, not only its first pages,
+    so with a ``seed`` the windows are drawn at random (without replacement, reproducibly) from the grid
+    of disjoint windows, then returned in text order. ``seed=None`` takes the first ``num_windows``
+    windows instead. Raises :class:`ValueError` when the text has fewer disjoint windows than asked for.
+    """
+    grid = token_windows(tokenizer, text, seq_len, add_bos=add_bos)
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    if num_windows > grid.size(0):
+        raise ValueError(
+            f"text too short: {num_windows} disjoint windows of seq_len={seq_len} need "
+            f"{num_windows * seq_len} tokens, but the text has room for only {grid.size(0)}"
+        )
+    if seed is None:
+        return grid[:num_windows].clone()
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(grid.size(0), generator=gen)[:num_windows].sort().values
+    return grid[pick]
