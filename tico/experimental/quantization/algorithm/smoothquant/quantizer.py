@@ -220,14 +220,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
             if bad:
                 errors.append(f"{where}: activation statistics are NaN/inf in channels {bad[:8]}")
                 continue
-            act = to_producer_channels(obs.absmax, g.observe.channel_map, g.channels)  # type: ignore[union-attr,arg-type]
-            w_cols = [channel_absmax(params[c.name], c.axis).to(act.device) for c in g.consumers]
-            w_absmax = torch.stack(
-                [to_producer_channels(col, c.channel_map, g.channels) for c, col in zip(g.consumers, w_cols)]  # type: ignore[arg-type]
-            )
-            s = smoothing_scales(act, w_absmax.amax(dim=0), g.alpha)  # type: ignore[arg-type]
-            if g.pinned:
-                s[torch.tensor(g.pinned, device=s.device)] = 1.0
+            scale_fn, w_cols = self.scale_function(g, params)
+            s = scale_fn(g.alpha)  # type: ignore[arg-type]
             errors += self._overflow(model, g, s, w_cols, params)
             scales[g.producer] = s
         if unobserved:
@@ -236,6 +230,27 @@ class SmoothQuantQuantizer(BaseQuantizer):
             else:
                 errors.append(f"no activations were observed for {unobserved} (did the calibration data reach them?)")
         return scales, errors
+
+    def scale_function(self, g: SmoothingGroup, params: dict[str, nn.Parameter]):
+        """``alpha -> scales`` for group ``g`` from its statistics and consumer weights (and the column maxima).
+
+        Used by :meth:`convert` with the group's alpha, and by a scoring quantizer to search alphas.
+        """
+        obs = self.observers[g.producer]
+        act = to_producer_channels(obs.absmax, g.observe.channel_map, g.channels)  # type: ignore[union-attr,arg-type]
+        w_cols = [channel_absmax(params[c.name], c.axis).to(act.device) for c in g.consumers]
+        w_absmax = torch.stack(
+            [to_producer_channels(col, c.channel_map, g.channels) for c, col in zip(g.consumers, w_cols)]  # type: ignore[arg-type]
+        ).amax(dim=0)
+        pinned = torch.tensor(g.pinned, dtype=torch.long, device=act.device)
+
+        def scales(alpha: float) -> torch.Tensor:
+            s = smoothing_scales(act, w_absmax, alpha)
+            if g.pinned:
+                s[pinned] = 1.0
+            return s
+
+        return scales, w_cols
 
     @staticmethod
     def _overflow(

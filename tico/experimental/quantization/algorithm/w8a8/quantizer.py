@@ -17,11 +17,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantError, SmoothQuantQuantizer
-from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales
+from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import (
+    SmoothQuantError,
+    SmoothQuantQuantizer,
+    observed_width,
+)
+from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
-from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, search_alpha
+from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.quantizer import BaseQuantizer
 from tico.experimental.quantization.registry import register_quantizer
@@ -81,8 +86,8 @@ class W8A8Quantizer(BaseQuantizer):
         super().__init__(config)
         self.sq = SmoothQuantQuantizer(config.smoothing, scored_by="w8a8") if config.smoothing is not None else None
         self.targets: list[str] = []
-        self.observer_of: dict[str, str] = {}  # target layer -> observer key
-        self.observers: dict[str, SampledChannelObserver] = {}
+        self.folded_by: dict[str, tuple[SmoothingGroup, tuple[int, ...] | None]] = {}  # layer -> (group, col map)
+        self.observers: dict[str, ChannelAbsMaxObserver] = {}
         self.points: dict[str, ObservationPoint] = {}
         self.report = W8A8Report()
         self._handles: list[RemovableHandle] = []
@@ -98,22 +103,16 @@ class W8A8Quantizer(BaseQuantizer):
         if not self.targets:
             logger.warning("W8A8 found no Linear layer to quantize in %s", type(model).__name__)
         rows = self.config.calibration_rows if self.config.needs_samples else 0
-        grouped: dict[str, SmoothingGroup] = {}
         if self.sq is not None:
             for g in self.sq.discover(model, args, kwargs).smoothed:
+                self.sq.observers[g.producer] = ChannelAbsMaxObserver(observed_width(g))
                 key = f"group:{g.producer}"
-                self.observers[key] = SampledChannelObserver(g.channels, rows)  # type: ignore[arg-type]
+                self.observers[key] = self.sq.observers[g.producer]  # type: ignore[assignment]
                 self.points[key] = g.observe  # type: ignore[assignment]
-                self.sq.observers[g.producer] = self.observers[key]  # SmoothQuant reads the same statistics
-                for module in g.consumer_modules:
-                    grouped[module] = g
-        for name in self.targets:
-            if name in grouped:
-                self.observer_of[name] = f"group:{grouped[name].producer}"
-                continue
-            module = model.get_submodule(name)
-            self.observer_of[name] = name
-            self.observers[name] = SampledChannelObserver(_weight_rows(module).shape[1], rows)
+                for c in g.consumers:
+                    self.folded_by[c.module] = (g, c.channel_map)
+        for name in self.targets:  # every quantized layer's own input: its static range and search sample
+            self.observers[name] = SampledChannelObserver(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
         self.attach(model)
         return model
@@ -155,30 +154,27 @@ class W8A8Quantizer(BaseQuantizer):
         cfg = self.config
         self._check_statistics()
         quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
-        groups = self.sq.plan.smoothed if self.sq is not None else []
-        if self.sq is not None and self.sq.config.alpha_is_auto:
-            for g in groups:
-                obs = self.observers[f"group:{g.producer}"]
-                weights = [_weight_rows(model.get_submodule(m)) for m in g.consumer_modules if self._is_linear(model, m)]
-                if weights and obs.rows_sample is not None:
-                    g.alpha, _ = search_alpha(obs.rows_sample, obs.absmax, weights, cfg.alpha_grid, quant)
         if self.sq is not None:
+            if self.sq.config.alpha_is_auto:
+                self._search_group_alphas(model, quant)
             self.sq.convert(model)  # validates every group before folding anything
-            self.report.alphas.update({g.producer: g.alpha for g in groups})  # type: ignore[misc]
-        folded = {f"group:{g.producer}": g.scales for g in groups}
+            self.report.alphas.update({g.producer: g.alpha for g in self.sq.plan.smoothed})  # type: ignore[misc]
         replacements: dict[str, nn.Module] = {}
         for name in self.targets:
-            key = self.observer_of[name]
-            obs = self.observers[key]
+            obs = self.observers[name]
             module = model.get_submodule(name)
             act_absmax, sample = obs.absmax, obs.rows_sample  # of the unsmoothed input
             smooth = None
-            if key in folded:  # the producer now emits x / s
-                s = folded[key].to(act_absmax.device)
-                act_absmax, sample = act_absmax / s, None if sample is None else sample.float() / s.to(sample.device)
+            divisor = None
+            if name in self.folded_by:  # its producer now emits x / s
+                group, col_map = self.folded_by[name]
+                divisor = to_columns(group.scales, col_map)  # type: ignore[arg-type]
             elif cfg.smooth_in_quantizer and self.sq is not None:
-                smooth = self._in_quantizer_scales(name, module, obs, quant)
-                act_absmax, sample = act_absmax / smooth, None if sample is None else sample.float() / smooth.to(sample.device)
+                smooth = divisor = self._in_quantizer_scales(name, module, obs, quant)
+            if divisor is not None:
+                divisor = divisor.to(act_absmax.device)
+                act_absmax = act_absmax / divisor
+                sample = None if sample is None else sample.float() / divisor.to(sample.device)
             act_scale = None
             if cfg.activations == "static":
                 r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile)
@@ -199,6 +195,21 @@ class W8A8Quantizer(BaseQuantizer):
         logger.info("%s", self.report.summary())
         return model
 
+    def _search_group_alphas(self, model: nn.Module, quant: DeployedQuant) -> None:
+        """alpha="auto": per group, score every alpha of the grid on the consumers that will be quantized."""
+        assert self.sq is not None
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for g in self.sq.plan.smoothed:
+            terms = []
+            for c in g.consumers:
+                obs = self.observers.get(c.module)
+                if obs is None or obs.rows_sample is None or not isinstance(model.get_submodule(c.module), LINEAR_TYPES):
+                    continue  # kept in float (or fused experts): its quantization error is zero
+                terms.append(Term(obs.rows_sample, obs.absmax, _weight_rows(model.get_submodule(c.module)), c.channel_map))
+            if terms:
+                scales_for, _ = self.sq.scale_function(g, params)
+                g.alpha, _ = search_alpha(terms, scales_for, self.config.alpha_grid, quant)
+
     @staticmethod
     def _is_linear(model: nn.Module, name: str) -> bool:
         return isinstance(model.get_submodule(name), LINEAR_TYPES)
@@ -208,10 +219,15 @@ class W8A8Quantizer(BaseQuantizer):
         assert self.sq is not None
         weight = _weight_rows(module)
         alpha = self.sq.config.alpha_for([name])
+        w_absmax = channel_absmax(weight, 1).to(obs.absmax.device)
+
+        def scales_for(a: float) -> torch.Tensor:
+            return smoothing_scales(obs.absmax, w_absmax, a)
+
         if self.sq.config.alpha_is_auto and obs.rows_sample is not None:
-            alpha, _ = search_alpha(obs.rows_sample, obs.absmax, [weight], self.config.alpha_grid, quant)
+            alpha, _ = search_alpha([Term(obs.rows_sample, obs.absmax, weight)], scales_for, self.config.alpha_grid, quant)
         self.report.alphas[name] = alpha
-        return smoothing_scales(obs.absmax, channel_absmax(weight, 1).to(obs.absmax.device), alpha)
+        return scales_for(alpha)
 
     def _check_statistics(self) -> None:
         """Every observer saw data of the right shape, all finite; else one error listing the layers."""

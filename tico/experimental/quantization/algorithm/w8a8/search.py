@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from tico.experimental.quantization.algorithm.smoothquant.scales import smoothing_scales
+from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation, fake_quant_weight
 
@@ -39,50 +39,45 @@ class DeployedQuant:
         return fake_quant_weight(w, self.weights)
 
 
-def output_error(
-    sample: torch.Tensor,
-    act_absmax: torch.Tensor,
-    weights: list[torch.Tensor],
-    references: list[torch.Tensor],
-    scales: torch.Tensor,
-    quant: DeployedQuant,
-) -> float:
-    """Squared output error of the group's consumers under smoothing ``scales`` and the deployed quantizer."""
-    xq = quant.quantize_acts(sample / scales, act_absmax / scales)
+@dataclass
+class Term:
+    """One consumer layer in a search: its input sample/abs-max, its ``[out, in]`` weight, its column map."""
+
+    sample: torch.Tensor
+    act_absmax: torch.Tensor
+    weight: torch.Tensor
+    channel_map: tuple[int, ...] | None = None
+
+    def columns(self, scales: torch.Tensor) -> torch.Tensor:
+        return to_columns(scales, self.channel_map)
+
+
+def output_error(terms: list[Term], references: list[torch.Tensor], scales: torch.Tensor, quant: DeployedQuant) -> float:
+    """Squared output error of the consumers under producer-channel ``scales`` and the deployed quantizer."""
     err = 0.0
-    for w, ref in zip(weights, references):
-        err += float((xq @ quant.quantize_weight(w * scales).T - ref).pow(2).sum())
+    for term, ref in zip(terms, references):
+        s = term.columns(scales).to(term.sample.device)
+        xq = quant.quantize_acts(term.sample / s, term.act_absmax.to(s.device) / s)
+        err += float((xq @ quant.quantize_weight(term.weight * s).T - ref).pow(2).sum())
     return err
 
 
 def search_alpha(
-    sample: torch.Tensor,
-    act_absmax: torch.Tensor,
-    weights: list[torch.Tensor],
+    terms: list[Term],
+    scales_for: Callable[[float], torch.Tensor],
     grid: tuple[float, ...],
     quant: DeployedQuant,
-    scales_for: Callable[[float], torch.Tensor] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The alpha of ``grid`` with the smallest :func:`output_error`, and every alpha's error.
 
     Args:
-        sample: ``[rows, C]`` calibration rows of the unsmoothed input (any dtype; scored in fp32).
-        act_absmax: ``[C]`` per-channel abs-max over all calibration data.
-        weights: each consumer's weight as ``[out, C]`` (unsmoothed).
+        terms: the consumers to score, each with its own (unsmoothed) input sample and abs-max over all data.
+        scales_for: alpha -> per-producer-channel smoothing scales (exactly those convert would fold).
         grid: candidate alphas.
         quant: the deployed quantizer.
-        scales_for: alpha -> scales; defaults to :func:`smoothing_scales` with the weights' column abs-max.
     """
-    x = sample.float()
-    ws = [w.float() for w in weights]
-    refs = [x @ w.T for w in ws]
-    act = act_absmax.float()
-    if scales_for is None:
-        w_absmax = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
-
-        def scales_for(alpha: float) -> torch.Tensor:
-            return smoothing_scales(act, w_absmax, alpha)
-
-    errors = {a: output_error(x, act, ws, refs, scales_for(a), quant) for a in grid}
+    terms = [Term(t.sample.float(), t.act_absmax.float(), t.weight.float(), t.channel_map) for t in terms]
+    refs = [t.sample @ t.weight.T for t in terms]
+    errors = {a: output_error(terms, refs, scales_for(a), quant) for a in grid}
     best = min(grid, key=lambda a: (errors[a], abs(a - 0.5)))  # ties: the alpha nearest the paper's default
     return best, errors

@@ -1,0 +1,127 @@
+"""W8A8 through prepare/convert: module swaps, composed smoothing, static/dynamic, backends, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tico.experimental.quantization import convert, get_quantizer, prepare
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
+from tico.experimental.quantization.w8a8.linear import W8A8Linear
+from zoo import build_model, input_ids
+
+
+def _quantize(model, config, ids):
+    model = prepare(model, config)
+    quantizer = get_quantizer(model)
+    with torch.no_grad():
+        model(ids)
+        model(ids.flip(0))
+    return convert(model), quantizer
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(bits=4), "bits must be 8"),
+    (dict(weights="per_group"), "weights"),
+    (dict(activations="per_token"), "activations"),
+    (dict(act_range="minmax"), "act_range"),
+    (dict(backend="cuda"), "backend"),
+    (dict(smoothing=0.5), "SmoothQuantConfig"),
+    (dict(alpha_grid=(0.5, 1.5)), "alpha_grid"),
+])
+def test_bad_config_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        W8A8Config(**bad)
+
+
+def test_static_without_calibration_raises_and_leaves_model_untouched():
+    model = build_model("llama")
+    model = prepare(model, W8A8Config(smoothing=SmoothQuantConfig(), activations="static"))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="no calibration forward"):
+        convert(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(isinstance(m, W8A8Linear) for m in model.modules())
+
+
+def test_unknown_ignore_name_is_an_error():
+    with pytest.raises(ValueError, match="model.layers.7"):
+        prepare(build_model("llama"), W8A8Config(ignore=("model.layers.7",)))
+
+
+@pytest.mark.parametrize("key", ["llama", "gpt2", "opt", "mixtral", "bert", "phi3"])
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_every_linear_swapped_and_close_to_float(key, activations):
+    model = build_model(key)
+    ids = input_ids(key, batch=4, seq=16)
+    reference = build_model(key)
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=activations,
+                        smooth_in_quantizer=True)
+    q, quantizer = _quantize(model, config, ids)
+    swapped = [n for n, m in q.named_modules() if isinstance(m, W8A8Linear)]
+    assert swapped and sorted(swapped) == sorted(quantizer.report.quantized)
+    head = q.get_output_embeddings()
+    assert isinstance(head, torch.nn.Linear) and not isinstance(head, W8A8Linear)
+    assert any("output embedding" in why for why in quantizer.report.kept_float.values())
+    if key == "mixtral":
+        assert any("fused expert" in why for why in quantizer.report.kept_float.values())
+    assert all(0.0 <= a <= 1.0 for a in quantizer.report.alphas.values())
+    fid = logit_fidelity(q, reference, ids)
+    assert fid.kl < 0.05 and fid.top1_agreement > 0.8, (key, activations, fid)
+
+
+def test_int8_and_fake_backends_agree():
+    ids = input_ids("llama", batch=4, seq=16)
+    outs = []
+    for backend in ("int8", "fake"):
+        config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", backend=backend)
+        q, _ = _quantize(build_model("llama"), config, ids)
+        with torch.no_grad():
+            outs.append(q(ids).logits)
+    assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-3
+
+
+def test_bf16_model_dynamic():
+    ids = input_ids("llama", batch=2, seq=16)
+    q, _ = _quantize(build_model("llama", dtype=torch.bfloat16), W8A8Config(smoothing=SmoothQuantConfig()), ids)
+    with torch.no_grad():
+        out = q(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_auto_alpha_never_scores_worse_than_the_default(monkeypatch):
+    from tico.experimental.quantization.algorithm.w8a8 import quantizer as w8a8_quantizer
+
+    seen = []
+    original = w8a8_quantizer.search_alpha
+
+    def spy(*args, **kwargs):
+        best, errors = original(*args, **kwargs)
+        seen.append((best, errors))
+        return best, errors
+
+    monkeypatch.setattr(w8a8_quantizer, "search_alpha", spy)
+    ids = input_ids("llama", batch=4, seq=16)
+    _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(alpha="auto"), activations="static"), ids)
+    assert seen
+    for best, errors in seen:
+        assert errors[best] <= errors[0.5]
+
+
+def test_real_model_smoothquant_w8a8_beats_naive(stories_dir, tinystories_text):
+    from tico.experimental.quantization.evaluation.data import read_text, token_windows
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    windows = token_windows(tokenizer, read_text(tinystories_text), 128, num_windows=24)
+    calib, evaluation = windows[:16], windows[16:]
+    reference = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    kls = {}
+    for name, smoothing in (("naive", None), ("smoothquant", SmoothQuantConfig(alpha="auto", linear_producers=True))):
+        q, _ = _quantize(AutoModelForCausalLM.from_pretrained(stories_dir).eval(),
+                         W8A8Config(smoothing=smoothing, activations="static", act_range="absmax"), calib)
+        kls[name] = logit_fidelity(q, reference, evaluation).kl
+    assert kls["smoothquant"] < kls["naive"], kls
