@@ -36,9 +36,47 @@ from tico.experimental.quantization.w8a8 import W8A8Linear
 from tico.experimental.quantization.w8a8.linear import _onednn_qlinear, onednn_int8_available
 
 
-def model_prefill_benchmark(model_name_or_path: str, tokens: int, rounds: int) -> dict[str, float]:
-    """Placeholder: the model-level prefill benchmark (float vs W8A8 model), to be added later."""
-    raise NotImplementedError
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and persistent buffers (what a checkpoint holds; kernel caches excluded)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                total += b.numel() * b.element_size()
+    return total
+
+
+def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> None:
+    """Prefill of a ~100M-parameter random Llama, float32 vs W8A8 (dynamic per-token, int8 backend).
+
+    Also prints the converted model's weight memory next to float32's.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tico.experimental.quantization import convert, prepare
+    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+    from tico.experimental.quantization.config.w8a8 import W8A8Config
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True)
+    fp32 = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 32000, (batch, seq_len))
+    q = prepare(copy.deepcopy(fp32), W8A8Config(smoothing=SmoothQuantConfig()))
+    with torch.no_grad():
+        q(ids[:1, :64])
+    q = convert(q)
+    candidates = {"fp32 Llama prefill": lambda: fp32(ids), "W8A8 Llama prefill": lambda: q(ids)}
+    times = measure(candidates, rounds, 1)
+    ratios = [a / b for a, b in zip(times["fp32 Llama prefill"], times["W8A8 Llama prefill"])]
+    n = sum(p.numel() for p in fp32.parameters())
+    print(f"\nprefill, Llama {n / 1e6:.0f}M parameters (tied embeddings), batch {batch}x{seq_len}, {rounds} rounds:")
+    for name, ts in times.items():
+        print(f"  {name:<20} {statistics.median(ts):7.3f} s")
+    print(f"  speedup W8A8 vs fp32: {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    f_bytes, q_bytes = weight_bytes(fp32), weight_bytes(q)
+    print(f"  weight memory: fp32 {f_bytes / 2**20:.1f} MiB, W8A8 {q_bytes / 2**20:.1f} MiB, ratio {q_bytes / f_bytes:.3f} "
+          "(embedding and LM head stay float)")
 
 
 def torchao_candidates(linear: nn.Linear, compile_too: bool) -> tuple[dict[str, Callable], str | None]:
@@ -136,6 +174,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=4096, help="in = out features (default 4096)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--no-model", dest="model", action="store_false", help="skip the model prefill/memory part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -166,6 +205,9 @@ def main() -> None:
     print("speedups are medians over rounds of per-round time ratios (time of the reference / time of the row)")
     for note in notes:
         print(f"note: {note}")
+    if args.model:
+        with torch.inference_mode():
+            model_prefill_benchmark(max(3, args.rounds // 2))
 
 
 if __name__ == "__main__":
