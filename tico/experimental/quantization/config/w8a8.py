@@ -11,7 +11,7 @@ from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 
 WeightGranularity = Literal["per_channel", "per_tensor"]
 Activations = Literal["dynamic", "static"]
-ActRange = Literal["absmax", "mse", "percentile"]
+ActRange = Literal["absmax", "mse", "output_mse", "percentile"]
 Backend = Literal["int8", "fake"]
 
 
@@ -36,7 +36,8 @@ class W8A8Config(BaseConfig):
         activations: ``"dynamic"``: one int8 scale per token computed at run time; ``"static"``: one scale
             per tensor fixed from calibration.
         act_range: how a static range is chosen: ``"absmax"`` over the calibration data, ``"mse"`` (the clip
-            that minimises the activation's quantization error on the calibration sample) or ``"percentile"``.
+            that minimises the activation's quantization error on the calibration sample), ``"output_mse"`` (the
+            clip that minimises the layer's output error, weights quantized as deployed) or ``"percentile"``.
         percentile: the percentile of ``|x|`` used when ``act_range="percentile"``.
         smooth_in_quantizer: for Linear inputs that no producer can absorb ``1/s`` for (``o_proj``,
             ``down_proj``, post-LN models, MoE expert outputs), apply the smoothing scale inside the activation
@@ -73,7 +74,7 @@ class W8A8Config(BaseConfig):
             raise ValueError(f"W8A8Config.bits must be 8 (only int8 is implemented), got {self.bits!r}")
         _one_of(self.weights, ("per_channel", "per_tensor"), "weights")
         _one_of(self.activations, ("dynamic", "static"), "activations")
-        _one_of(self.act_range, ("absmax", "mse", "percentile"), "act_range")
+        _one_of(self.act_range, ("absmax", "mse", "output_mse", "percentile"), "act_range")
         _one_of(self.backend, ("int8", "fake"), "backend")
         if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuantConfig):
             raise ValueError(f"W8A8Config.smoothing must be a SmoothQuantConfig or None, got {type(self.smoothing).__name__}")

@@ -177,7 +177,11 @@ class W8A8Quantizer(BaseQuantizer):
                 sample = None if sample is None else sample.float() / divisor.to(sample.device)
             act_scale = None
             if cfg.activations == "static":
-                r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile)
+                weight = weight_q = None
+                if cfg.act_range == "output_mse":
+                    weight = _weight_rows(module) * (1.0 if smooth is None else smooth.to(module.weight.device))
+                    weight_q = quant.quantize_weight(weight)
+                r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
                 self.report.act_ranges[name] = r
                 act_scale = max(r, 1e-12) / 127.0
             replacements[name] = W8A8Linear.from_linear(

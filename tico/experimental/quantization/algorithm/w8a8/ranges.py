@@ -33,6 +33,26 @@ def mse_range(sample: torch.Tensor, absmax: float) -> float:
     return best
 
 
+def output_mse_range(sample: torch.Tensor, absmax: float, weight: torch.Tensor, weight_q: torch.Tensor) -> float:
+    """The clip minimising the layer's *output* error ``|| q(x) Wq^T - x W^T ||^2`` on ``sample``.
+
+    Clipping error in a channel that meets large weights costs more than in one that meets small weights;
+    scoring the output sees that, scoring the activation alone does not.
+    """
+    if absmax <= 0:
+        return 0.0
+    x = sample.float()
+    ref = x @ weight.float().T
+    wq = weight_q.float().T
+    best, best_err = absmax, float("inf")
+    for ratio in CLIP_RATIOS.tolist():
+        clip = absmax * ratio
+        err = float((fake_quant_per_tensor(x, clip) @ wq - ref).pow(2).sum())
+        if err < best_err:
+            best, best_err = clip, err
+    return best
+
+
 def percentile_range(sample: torch.Tensor, absmax: float, percentile: float) -> float:
     """The ``percentile`` of ``|x|`` over ``sample``, never above ``absmax``."""
     x = sample.float().abs().flatten()
@@ -42,10 +62,25 @@ def percentile_range(sample: torch.Tensor, absmax: float, percentile: float) -> 
     return min(absmax, float(torch.kthvalue(x, k).values))
 
 
-def static_range(method: str, sample: torch.Tensor | None, absmax: float, percentile: float) -> float:
-    """The range ``r`` of a static per-tensor int8 scale ``r / 127`` under ``method``."""
+def static_range(
+    method: str,
+    sample: torch.Tensor | None,
+    absmax: float,
+    percentile: float,
+    weight: torch.Tensor | None = None,
+    weight_q: torch.Tensor | None = None,
+) -> float:
+    """The range ``r`` of a static per-tensor int8 scale ``r / 127`` under ``method``.
+
+    ``"output_mse"`` needs the layer's (smoothed) ``weight`` and its deployed quantize-dequantize ``weight_q``;
+    without them it falls back to ``"mse"``.
+    """
     if method == "absmax" or sample is None:
         return absmax
+    if method == "output_mse" and weight is not None and weight_q is not None:
+        return output_mse_range(sample, absmax, weight, weight_q)
+    if method == "output_mse":
+        method = "mse"
     if method == "mse":
         return mse_range(sample, absmax)
     if method == "percentile":

@@ -28,11 +28,15 @@ class DeployedQuant:
     act_range: str  # "absmax" | "mse" | "percentile"
     percentile: float
 
-    def quantize_acts(self, x_smoothed: torch.Tensor, absmax_smoothed: torch.Tensor) -> torch.Tensor:
-        """``Qa``: the deployed activation quantize-dequantize of already-smoothed rows."""
+    def quantize_acts(
+        self, x_smoothed: torch.Tensor, absmax_smoothed: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``Qa``: the deployed activation quantize-dequantize of already-smoothed rows (``weight``: smoothed,
+        for output-error ranges)."""
         if self.activations == "dynamic":
             return fake_quant_activation(x_smoothed, "per_token")
-        r = static_range(self.act_range, x_smoothed, float(absmax_smoothed.max()), self.percentile)
+        wq = None if weight is None else self.quantize_weight(weight)
+        r = static_range(self.act_range, x_smoothed, float(absmax_smoothed.max()), self.percentile, weight, wq)
         return fake_quant_activation(x_smoothed, "per_tensor", scale=max(r, 1e-12) / 127.0)
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -57,8 +61,9 @@ def output_error(terms: list[Term], references: list[torch.Tensor], scales: torc
     err = 0.0
     for term, ref in zip(terms, references):
         s = term.columns(scales).to(term.sample.device)
-        xq = quant.quantize_acts(term.sample / s, term.act_absmax.to(s.device) / s)
-        err += float((xq @ quant.quantize_weight(term.weight * s).T - ref).pow(2).sum())
+        w = term.weight * s
+        xq = quant.quantize_acts(term.sample / s, term.act_absmax.to(s.device) / s, w)
+        err += float((xq @ quant.quantize_weight(w).T - ref).pow(2).sum())
     return err
 
 
