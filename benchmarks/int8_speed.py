@@ -51,16 +51,13 @@ def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> 
 
     Also prints the converted model's weight memory next to float32's.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from calibration_overhead import build_model  # the same ~100M Llama as the calibration benchmark
 
     from tico.experimental.quantization import convert, prepare
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
     from tico.experimental.quantization.config.w8a8 import W8A8Config
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=True)
-    fp32 = LlamaForCausalLM(config).eval()
+    fp32 = build_model()
     ids = torch.randint(0, 32000, (batch, seq_len))
     q = prepare(copy.deepcopy(fp32), W8A8Config(smoothing=SmoothQuantConfig()))
     with torch.no_grad():

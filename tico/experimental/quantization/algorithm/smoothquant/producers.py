@@ -114,6 +114,36 @@ def folded_weight(module: nn.Module, kind: str, scales: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
+def _folds_exactly(
+    module: nn.Module, kind: str, sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]
+) -> bool:
+    """Re-run ``module`` on a recorded input with a random ``s`` folded in under ``kind``; True if its output
+    became exactly ``reference / s``. The parameters are restored bit for bit afterwards."""
+    args, kwargs, reference = sample
+    params = [p for p in (module.weight, getattr(module, "bias", None)) if isinstance(p, torch.Tensor)]
+    saved = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    s = (0.5 + 1.5 * torch.rand(reference.shape[-1], generator=gen)).to(reference.device)
+    try:
+        fold_into_producer(module, kind, s)
+        got = module(*args, **kwargs)
+    except Exception:  # a module that cannot be re-run on its own is simply not a producer we can prove
+        return False
+    finally:
+        for p, original in zip(params, saved):
+            p.copy_(original)
+    expected = reference.float() / s
+    low = reference.dtype in (torch.float16, torch.bfloat16) or params[0].dtype in (torch.float16, torch.bfloat16)
+    rtol, atol = (3e-2, 3e-2) if low else (1e-4, 1e-5)
+    atol *= float(expected.abs().max()) or 1.0
+    return (
+        isinstance(got, torch.Tensor)
+        and got.shape == reference.shape
+        and torch.allclose(got.float(), expected, rtol=rtol, atol=atol)
+    )
+
+
+@torch.no_grad()
 def probe_linear(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor] | None) -> bool:
     """Whether dividing the weight's output rows (and the bias) by ``s`` divides ``module``'s output by ``s``.
 
@@ -122,25 +152,7 @@ def probe_linear(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any
     """
     if type(module) in LINEAR_OUTPUT_AXIS:
         return True
-    if sample is None:
-        return False
-    args, kwargs, reference = sample
-    saved = [p.detach().clone() for p in (module.weight, module.bias) if p is not None]
-    s = (0.5 + 1.5 * torch.rand(reference.shape[-1], generator=torch.Generator().manual_seed(0))).to(reference.device)
-    try:
-        fold_into_producer(module, LINEAR_KIND, s)
-        got = module(*args, **kwargs)
-    except Exception:
-        return False
-    finally:
-        for p, original in zip((q for q in (module.weight, module.bias) if q is not None), saved):
-            p.copy_(original)
-    expected = reference.float() / s
-    low = reference.dtype in (torch.float16, torch.bfloat16)
-    atol = (3e-2 if low else 1e-5) * (float(expected.abs().max()) or 1.0)
-    return isinstance(got, torch.Tensor) and got.shape == reference.shape and torch.allclose(
-        got.float(), expected, rtol=3e-2 if low else 1e-4, atol=atol
-    )
+    return sample is not None and _folds_exactly(module, LINEAR_KIND, sample)
 
 
 @torch.no_grad()
@@ -150,26 +162,4 @@ def probe_kind(module: nn.Module, sample: tuple[tuple[Any, ...], dict[str, Any],
     Runs the module on an input it saw during tracing, with a random positive ``s``, once per kind, and restores
     the parameters bit for bit afterwards. Returns None if no kind fits.
     """
-    weight, bias = producer_params(module)  # type: ignore[misc]
-    args, kwargs, reference = sample
-    saved = [p.detach().clone() for p in (weight, bias) if p is not None]
-    gen = torch.Generator().manual_seed(0)
-    s = (0.5 + 1.5 * torch.rand(weight.numel(), generator=gen)).to(weight.device)
-    expected = reference.float() / s
-    low_precision = weight.dtype in (torch.float16, torch.bfloat16) or reference.dtype in (torch.float16, torch.bfloat16)
-    rtol, atol = (3e-2, 3e-2) if low_precision else (1e-4, 1e-5)
-    atol *= float(expected.abs().max()) or 1.0
-    try:
-        for kind in PRODUCER_KINDS:
-            fold_into_producer(module, kind.name, s)
-            try:
-                got = module(*args, **kwargs)
-            finally:
-                for p, original in zip((q for q in (weight, bias) if q is not None), saved):
-                    p.copy_(original)
-            if isinstance(got, torch.Tensor) and got.shape == reference.shape:
-                if torch.allclose(got.float(), expected, rtol=rtol, atol=atol):
-                    return kind
-    except Exception:  # a module that cannot be re-run on its own is simply not a producer we can prove
-        return None
-    return None
+    return next((kind for kind in PRODUCER_KINDS if _folds_exactly(module, kind.name, sample)), None)
