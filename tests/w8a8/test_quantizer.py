@@ -125,3 +125,25 @@ def test_real_model_smoothquant_w8a8_beats_naive(stories_dir, tinystories_text):
                          W8A8Config(smoothing=smoothing, activations="static", act_range="absmax"), calib)
         kls[name] = logit_fidelity(q, reference, evaluation).kl
     assert kls["smoothquant"] < kls["naive"], kls
+
+
+def test_quantize_attention_inputs(tmp_path):
+    from tico.experimental.quantization.algorithm.w8a8.attention import STATE_ATTR
+
+    ids = input_ids("llama", batch=4, seq=16)
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", quantize_attention=True, backend="fake")
+    q, quantizer = _quantize(build_model("llama"), config, ids)
+    states = [getattr(q.get_submodule(n), STATE_ATTR) for n in quantizer.attention_modules]
+    assert len(states) == 2 and all(set(s.scales) == {"query", "key", "value"} for s in states)
+    plain, _ = _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                                                          backend="fake"), ids)
+    with torch.no_grad():
+        a, b = q(ids).logits, plain(ids).logits
+    assert not torch.equal(a, b) and float((a - b).abs().max() / b.abs().max()) < 0.05  # quantized, and close
+    assert not any("tico" in k for k in q.state_dict())
+
+
+def test_quantize_attention_refused_where_attention_is_not_reachable():
+    model = build_model("falcon_new")
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        prepare(model, W8A8Config(quantize_attention=True))

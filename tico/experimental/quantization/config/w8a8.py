@@ -42,6 +42,8 @@ class W8A8Config(BaseConfig):
         smooth_in_quantizer: for Linear inputs that no producer can absorb ``1/s`` for (``o_proj``,
             ``down_proj``, post-LN models, MoE expert outputs), apply the smoothing scale inside the activation
             quantizer instead (``x/s`` fused into the int8 quantization step, ``W*s`` into the int8 weights).
+        quantize_attention: also quantize the query/key/value inputs of the attention matmuls, int8 static
+            per tensor (simulated), as the paper's W8A8 settings do; Hugging Face models only.
         ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
             kept in float unless ``quantize_lm_head`` is set.
         quantize_lm_head: quantize the output embedding too.
@@ -59,6 +61,7 @@ class W8A8Config(BaseConfig):
     act_range: ActRange = "mse"
     percentile: float = 99.99
     smooth_in_quantizer: bool = False
+    quantize_attention: bool = False
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     backend: Backend = "int8"

@@ -24,6 +24,7 @@ from tico.experimental.quantization.algorithm.smoothquant.quantizer import (
     observed_width,
 )
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
+from tico.experimental.quantization.algorithm.w8a8 import attention
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
@@ -90,6 +91,7 @@ class W8A8Quantizer(BaseQuantizer):
         self.observers: dict[str, ChannelAbsMaxObserver] = {}
         self.points: dict[str, ObservationPoint] = {}
         self.report = W8A8Report()
+        self.attention_modules: list[str] = []
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -114,6 +116,8 @@ class W8A8Quantizer(BaseQuantizer):
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
             self.observers[name] = SampledChannelObserver(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
+        if self.config.quantize_attention:
+            self.attention_modules = attention.install(model)
         self.attach(model)
         return model
 
@@ -153,6 +157,9 @@ class W8A8Quantizer(BaseQuantizer):
     def convert(self, model: nn.Module) -> nn.Module:
         cfg = self.config
         self._check_statistics()
+        unseen = attention.freeze(model, self.attention_modules)
+        if unseen:
+            raise SmoothQuantError(f"W8A8 cannot convert; nothing was changed: attention inputs never observed in {unseen}")
         quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
         if self.sq is not None:
             if self.sq.config.alpha_is_auto:

@@ -1,0 +1,104 @@
+"""Int8 fake quantization of the attention matmul inputs (query, key, value), static per tensor.
+
+The paper's W8A8 settings also quantize the inputs of the two attention matmuls. In Hugging Face models the
+query (after RoPE), key and value reach one attention function chosen by ``config._attn_implementation``;
+we register a wrapper around SDPA under :data:`ATTN_NAME` that, per attention module, observes abs-max
+during calibration and quantize-dequantizes with the fixed scales after convert. The state lives in a plain
+attribute of each attention module (not a buffer), so ``state_dict`` is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation
+
+ATTN_NAME = "tico_w8a8_sdpa"
+STATE_ATTR = "_tico_attention_quant"
+ROLES = ("query", "key", "value")
+
+
+@dataclass
+class AttentionQuantState:
+    """Per attention module: running abs-max while calibrating, then the static int8 scales."""
+
+    absmax: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] | None = None
+
+    def __call__(self, role: str, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            self.absmax[role] = max(self.absmax.get(role, 0.0), float(x.detach().abs().amax()))
+            return x
+        return fake_quant_activation(x, "per_tensor", scale=self.scales[role]).to(x.dtype)
+
+    def freeze(self) -> None:
+        self.scales = {r: max(self.absmax[r], 1e-12) / 127.0 for r in ROLES}
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None:
+        query, key, value = state("query", query), state("key", key), state("value", value)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def install(model: nn.Module) -> list[str]:
+    """Route every attention module of a Hugging Face model through the quantizing wrapper (observing).
+
+    Returns the names of the attention modules; raises ValueError if the model has no attention interface.
+    """
+    from transformers import AttentionInterface
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise ValueError(
+            f"W8A8Config(quantize_attention=True) needs a Hugging Face model with an attention interface; "
+            f"{type(model).__name__} has none"
+        )
+    AttentionInterface.register(ATTN_NAME, _attention)
+    names = []
+    for name, module in model.named_modules():
+        if module is not model and _is_attention(module):
+            setattr(module, STATE_ATTR, AttentionQuantState())
+            names.append(name)
+    if not names:
+        raise ValueError(f"W8A8Config(quantize_attention=True): no attention module found in {type(model).__name__}")
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception:  # noqa: BLE001 - reported below, with the model restored
+        pass
+    if config._attn_implementation != ATTN_NAME:
+        for name in names:
+            delattr(model.get_submodule(name), STATE_ATTR)
+        raise ValueError(
+            f"W8A8Config(quantize_attention=True): {type(model).__name__} does not dispatch attention through "
+            "transformers' AttentionInterface, so its query/key/value cannot be reached; leave quantize_attention off"
+        )
+    return names
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """An innermost module whose class is named ``*Attention*`` (the one that calls the attention interface;
+    whether it really does is checked after calibration: every module must have seen query, key and value)."""
+    def named(m: nn.Module) -> bool:
+        return "Attention" in type(m).__name__
+
+    return named(module) and not any(named(m) for m in module.modules() if m is not module)
+
+
+def freeze(model: nn.Module, names: list[str]) -> list[str]:
+    """Fix every observed attention module's scales; returns the modules that were never observed."""
+    unseen = []
+    for name in names:
+        state = getattr(model.get_submodule(name), STATE_ATTR)
+        if set(state.absmax) != set(ROLES):
+            unseen.append(name)
+    if not unseen:
+        for name in names:
+            getattr(model.get_submodule(name), STATE_ATTR).freeze()
+    return unseen
