@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation
+
 QMAX = 127.0
 CLIP_RATIOS = torch.linspace(0.05, 1.0, 96)
 
 
-def fake_quant_per_tensor(x: torch.Tensor, absmax: float | torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 quantize-dequantize with one scale ``absmax / 127`` (round half to even, clamp)."""
-    scale = torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-12) / QMAX
-    return torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+def fake_quant_per_tensor(x: torch.Tensor, absmax: float) -> torch.Tensor:
+    """Static per-tensor int8 quantize-dequantize with range ``absmax``: the deployed kernel's exact integers."""
+    return fake_quant_activation(x, "per_tensor", scale=max(float(absmax), 1e-12) / QMAX)
 
 
 def mse_range(sample: torch.Tensor, absmax: float) -> float:
