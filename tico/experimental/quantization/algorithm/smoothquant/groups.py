@@ -72,7 +72,10 @@ class SmoothingGroup:
         return {
             "producer": self.producer,
             "kind": self.kind,
-            "consumers": [{"param": c.name, "axis": c.axis} for c in self.consumers],
+            "consumers": [
+                {"param": c.name, "axis": c.axis, "channel_map": None if c.channel_map is None else list(c.channel_map)}
+                for c in self.consumers
+            ],
             "block": self.block,
             "channels": self.channels,
             "status": self.status,
