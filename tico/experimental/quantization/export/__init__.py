@@ -1,0 +1,1 @@
+"""Exporters: checkpoints that serving engines load."""
