@@ -1,0 +1,98 @@
+"""tico-sq end to end, and its errors: clear message, exit code, nothing half-written."""
+
+from __future__ import annotations
+
+import pytest
+
+from tico.experimental.quantization.cli import main
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"word{i % 97} story{i % 13}." for i in range(4000)))
+    return path
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, stories_dir):
+    """A random Llama saved with the real model's tokenizer (a tokenizer is needed for text data)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("scheme", ["smooth", "w8a8-dynamic", "w8a8-static"])
+def test_quantize_then_eval_on_the_real_model(scheme, stories_dir, tinystories_text, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--samples", "8",
+                 "--seq-len", "128", "--scheme", scheme, "--output", str(out)])
+    assert code == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "smoothquant_recipe.json").is_file()
+    assert "saved" in capsys.readouterr().out
+    code = main(["eval", "--model", str(out), "--reference", str(stories_dir), "--dataset", str(tinystories_text),
+                 "--seq-len", "128", "--max-windows", "4"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "change vs reference" in printed
+    change = float(printed.split("change vs reference:")[1].strip().rstrip("%"))
+    assert abs(change) < (0.01 if scheme == "smooth" else 3.0)
+
+
+def test_quantize_tiny_random_model(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--samples", "4",
+                 "--seq-len", "32", "--alpha", "auto", "--output", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_missing_model_folder(text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(tmp_path / "nope"), "--dataset", str(text_file), "--output", str(out)])
+    assert code == 3 and "model folder not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_dataset_file(stories_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(tmp_path / "missing.txt"), "--output", str(out)])
+    assert code == 3 and "dataset file not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_alpha_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--model", "x", "--dataset", "y", "--output", "z", "--alpha", "1.5"])
+    assert exc.value.code == 2 and "alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_output_not_writable(stories_dir, text_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # the output's parent is a file: nothing can be created there (even as root)
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(text_file), "--output", str(blocker / "out")])
+    assert code == 4 and "not writable" in capsys.readouterr().err
+
+
+def test_output_must_be_empty(stories_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(text_file), "--output", str(out)])
+    assert code == 4 and "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_failed_quantization_leaves_no_output(stories_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(short), "--output", str(out)])
+    assert code == 3 and not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
