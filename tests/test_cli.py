@@ -96,3 +96,18 @@ def test_failed_quantization_leaves_no_output(stories_dir, tmp_path, capsys):
     code = main(["quantize", "--model", str(stories_dir), "--dataset", str(short), "--output", str(out)])
     assert code == 3 and not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_report_writes_json_summary_and_plots(stories_dir, tinystories_text, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "report"
+    code = main(["report", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--samples", "4",
+                 "--seq-len", "128", "--output", str(out)])
+    assert code == 0
+    rows = json.loads((out / "outliers.json").read_text())
+    before = sum(r["before"]["max_over_median"] for r in rows) / len(rows)
+    after = sum(r["after"]["max_over_median"] for r in rows) / len(rows)
+    assert len(rows) >= 10 and after < before  # smoothing flattens the channel ranges on average
+    assert sorted(p.name for p in out.glob("*.png"))[:1] == ["outliers_00.png"]
+    assert "largest outlier ratio" in (out / "summary.txt").read_text()

@@ -2,6 +2,7 @@
 
     tico-sq quantize --model ID_OR_DIR --dataset NAME_OR_FILE --output DIR [--scheme w8a8-dynamic] ...
     tico-sq eval --model DIR_OR_ID [--reference ID_OR_DIR] --dataset NAME_OR_FILE [--seq-len 512]
+    tico-sq report --model ID_OR_DIR --dataset NAME_OR_FILE --output DIR
 
 Exit codes: 0 success; 2 bad arguments; 3 a model, dataset or file could not be loaded; 4 the output folder
 cannot be written; 5 quantization failed (the message names the modules). Nothing is left half-written in
@@ -188,6 +189,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tico.experimental.quantization import convert, get_quantizer, prepare
+    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+    from tico.experimental.quantization.evaluation.data import calibration_windows
+    from tico.experimental.quantization.evaluation.outliers import outlier_report, write_report
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("tico-sq report draws plots with matplotlib: pip install matplotlib", EXIT_LOAD) from None
+    output = Path(args.output)
+    _check_output(output)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    text = load_text(args.dataset, args.dataset_config, args.split, args.text_column)
+    try:
+        windows = calibration_windows(tokenizer, text, args.seq_len, args.samples)
+    except ValueError as exc:
+        raise CliError(f"dataset {args.dataset}: {exc}", EXIT_LOAD) from None
+    if args.alpha == "auto":
+        raise CliError("report takes a fixed --alpha (auto needs a quantizer to score against)", EXIT_ARGS)
+    model = prepare(model, SmoothQuantConfig(alpha=args.alpha, linear_producers=True))
+    quantizer = get_quantizer(model)
+    with torch.no_grad():
+        for batch in windows.split(args.batch_size):
+            model(batch.to(args.device))
+    try:
+        convert(model)
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(f"smoothing failed: {exc}", EXIT_QUANT) from None
+    print(write_report(outlier_report(quantizer.plan, quantizer.observers), output))
+    print(f"wrote outliers.json, summary.txt and plots to {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tico-sq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None, help="float model to compare with (default: none)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("report", parents=[common], help="per-layer outlier statistics before/after smoothing, JSON + PNG")
+    r.add_argument("--samples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    r.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: %(default)s)")
+    r.add_argument("--alpha", type=_alpha, default=0.5, help="migration strength in [0, 1] (default: %(default)s)")
+    r.add_argument("--output", required=True, help="folder for outliers.json, summary.txt and PNG plots")
+    r.set_defaults(func=cmd_report)
     return parser
 
 
