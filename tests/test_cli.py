@@ -129,3 +129,11 @@ def test_demo_offline_default_model(capsys):
     assert code == 0 and "encoder" in out and "W8A8 static, SmoothQuant" in out
     cos = {line.rsplit(None, 2)[0].strip(): float(line.split()[-2]) for line in out.splitlines()[2:]}
     assert cos["float"] == 1.0 and all(v > 0.9 for v in cos.values())
+
+
+def test_unknown_dataset_name_suggests_a_local_file(stories_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", "no-such-dataset-xyz", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 3 and "local .txt/.jsonl" in err.replace(".txt or .jsonl", ".txt/.jsonl")
+    assert not out.exists()
