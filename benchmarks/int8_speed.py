@@ -59,24 +59,30 @@ def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> 
 
     fp32 = build_model()
     ids = torch.randint(0, 32000, (batch, seq_len))
-    q = prepare(copy.deepcopy(fp32), W8A8Config(smoothing=SmoothQuantConfig()))
-    with torch.no_grad():
-        q(ids[:1, :64])
-    q = convert(q)
+    def w8a8(**kw):
+        m = prepare(copy.deepcopy(fp32), W8A8Config(smoothing=SmoothQuantConfig(), **kw))
+        with torch.no_grad():
+            m(ids[:1, :64])
+        return convert(m)
+
+    q, q_rot = w8a8(), w8a8(rotate=("all",))
     # Prefill as a server runs it: the whole prompt through the blocks, logits for the last position only
     # (the next token), for both models alike.
     candidates = {
         "fp32 Llama prefill": lambda: fp32(ids, logits_to_keep=1),
         "W8A8 Llama prefill": lambda: q(ids, logits_to_keep=1),
+        "W8A8 + rotations": lambda: q_rot(ids, logits_to_keep=1),
     }
     times = measure(candidates, rounds, 1)
     ratios = [a / b for a, b in zip(times["fp32 Llama prefill"], times["W8A8 Llama prefill"])]
+    rot_ratios = [a / b for a, b in zip(times["fp32 Llama prefill"], times["W8A8 + rotations"])]
     n = sum(p.numel() for p in fp32.parameters())
     print(f"\nprefill, Llama {n / 1e6:.0f}M parameters (tied embeddings), batch {batch}x{seq_len}, logits of the "
           f"last position, {rounds} rounds:")
     for name, ts in times.items():
         print(f"  {name:<20} {statistics.median(ts):7.3f} s")
     print(f"  speedup W8A8 vs fp32: {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    print(f"  speedup W8A8 + rotations (rotate='all') vs fp32: {statistics.median(rot_ratios):.2f}x")
     f_bytes, q_bytes = weight_bytes(fp32), weight_bytes(q)
     print(f"  weight memory: fp32 {f_bytes / 2**20:.1f} MiB, W8A8 {q_bytes / 2**20:.1f} MiB, ratio {q_bytes / f_bytes:.3f} "
           "(embedding and LM head stay float)")

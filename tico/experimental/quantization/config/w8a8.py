@@ -44,6 +44,9 @@ class W8A8Config(BaseConfig):
             quantizer instead (``x/s`` fused into the int8 quantization step, ``W*s`` into the int8 weights).
         quantize_attention: also quantize the query/key/value inputs of the attention matmuls, int8 static
             per tensor (simulated), as the paper's W8A8 settings do; Hugging Face models only.
+        rotate: names (or name suffixes such as ``"down_proj"``, or ``"all"``) of layers whose input is multiplied by a random
+            block-orthogonal matrix inside the activation quantizer (``W`` gets the same rotation: exact in float).
+            Spreads outliers that smoothing cannot move; costs a small matmul per token. Not exportable.
         ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
             kept in float unless ``quantize_lm_head`` is set.
         quantize_lm_head: quantize the output embedding too.
@@ -62,6 +65,7 @@ class W8A8Config(BaseConfig):
     percentile: float = 99.99
     smooth_in_quantizer: bool = False
     quantize_attention: bool = False
+    rotate: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     backend: Backend = "int8"
@@ -83,6 +87,7 @@ class W8A8Config(BaseConfig):
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "rotate", (self.rotate,) if isinstance(self.rotate, str) else tuple(self.rotate))
         grid = tuple(float(a) for a in self.alpha_grid)
         if not grid or any(not math.isfinite(a) or not 0 <= a <= 1 for a in grid):
             raise ValueError(f"W8A8Config.alpha_grid must be non-empty alphas in [0, 1], got {self.alpha_grid!r}")
@@ -98,4 +103,4 @@ class W8A8Config(BaseConfig):
     def needs_samples(self) -> bool:
         """Whether calibration keeps a row sample (error-minimising ranges or the alpha search need one)."""
         auto = self.smoothing is not None and self.smoothing.alpha_is_auto
-        return auto or (self.activations == "static" and self.act_range != "absmax")
+        return auto or bool(self.rotate) or (self.activations == "static" and self.act_range != "absmax")

@@ -56,6 +56,12 @@ def save_compressed(model: nn.Module, output_dir: str | Path) -> Path:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
+    rotated = [n for n, m in model.named_modules() if hasattr(m, "rotation") and isinstance(getattr(m, "inner", None), W8A8Linear)]
+    if rotated:
+        raise ValueError(
+            f"compressed-tensors has no place for input rotations ({rotated[:3]}...); quantize without "
+            "W8A8Config.rotate to export"
+        )
     inner = [n for n, m in layers.items() if m.quantization_state()["smooth_scale"] is not None]
     if inner:
         raise ValueError(

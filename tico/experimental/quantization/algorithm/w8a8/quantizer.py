@@ -27,6 +27,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import channel_
 from tico.experimental.quantization.algorithm.w8a8 import attention
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
+from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.quantizer import BaseQuantizer
@@ -118,8 +119,16 @@ class W8A8Quantizer(BaseQuantizer):
             self.points[name] = ObservationPoint(name, "input", 0)
         if self.config.quantize_attention:
             self.attention_modules = attention.install(model)
+        unmatched = [r for r in self.config.rotate if not any(self._rotated(t, (r,)) for t in self.targets)]
+        if unmatched:
+            self.detach(model)
+            raise ValueError(f"W8A8Config.rotate names that match no quantized layer: {unmatched}")
         self.attach(model)
         return model
+
+    @staticmethod
+    def _rotated(name: str, patterns: tuple[str, ...]) -> bool:
+        return any(p == "all" or name == p or name.endswith("." + p) for p in patterns)
 
     def _select_targets(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
         getter = getattr(model, "get_output_embeddings", None)
@@ -182,6 +191,9 @@ class W8A8Quantizer(BaseQuantizer):
                 divisor = divisor.to(act_absmax.device)
                 act_absmax = act_absmax / divisor
                 sample = None if sample is None else sample.float() / divisor.to(sample.device)
+            if self._rotated(name, cfg.rotate):
+                replacements[name] = self._rotated_layer(name, module, sample, smooth if smooth is not None else None, quant)
+                continue
             act_scale = None
             if cfg.activations == "static":
                 weight = weight_q = None
@@ -205,6 +217,34 @@ class W8A8Quantizer(BaseQuantizer):
         self.report.quantized = list(replacements)
         logger.info("%s", self.report.summary())
         return model
+
+    def _rotated_layer(self, name, module, sample, smooth, quant) -> nn.Module:
+        """A layer whose (smoothed) input is rotated inside the quantizer; static ranges come from the sample
+        (the full-data abs-max of a rotated input is not known from per-channel statistics)."""
+        cfg = self.config
+        linear = as_linear(module)
+        blocks = random_rotation(linear.in_features, name).to(linear.weight.device)
+        weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
+        rotated = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            rotated.weight.copy_(rotate(weight, blocks).to(linear.weight.dtype))
+            if linear.bias is not None:
+                rotated.bias.copy_(linear.bias)
+        act_scale = None
+        if cfg.activations == "static":
+            x = rotate(sample.float(), blocks.to(sample.device))
+            wq = quant.quantize_weight(rotated.weight.float()) if cfg.act_range == "output_mse" else None
+            method = "mse" if cfg.act_range == "absmax" else cfg.act_range
+            r = static_range(method, x, float(x.abs().max()), cfg.percentile, rotated.weight.float(), wq)
+            self.report.act_ranges[name] = r
+            act_scale = max(r, 1e-12) / 127.0
+        inner = W8A8Linear.from_linear(
+            rotated, weight_granularity=cfg.weights,
+            act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
+            act_scale=act_scale, backend=cfg.backend,
+        )
+        return RotatedInputLinear(inner, blocks, smooth)
 
     def _search_group_alphas(self, model: nn.Module, quant: DeployedQuant) -> None:
         """alpha="auto": per group, score every alpha of the grid on the consumers that will be quantized."""
