@@ -86,6 +86,9 @@ def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> 
     f_bytes, q_bytes = weight_bytes(fp32), weight_bytes(q)
     print(f"  weight memory: fp32 {f_bytes / 2**20:.1f} MiB, W8A8 {q_bytes / 2**20:.1f} MiB, ratio {q_bytes / f_bytes:.3f} "
           "(embedding and LM head stay float)")
+    e_bytes = weight_bytes(w8a8(quantize_embeddings=True))
+    print(f"  weight memory with quantize_embeddings=True (int8 rows, tied head shares them): {e_bytes / 2**20:.1f} MiB, "
+          f"ratio {e_bytes / f_bytes:.3f}")
 
 
 def torchao_candidates(linear: nn.Linear, compile_too: bool) -> tuple[dict[str, Callable], str | None]:

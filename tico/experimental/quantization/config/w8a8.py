@@ -47,6 +47,8 @@ class W8A8Config(BaseConfig):
         rotate: names (or name suffixes such as ``"down_proj"``, or ``"all"``) of layers whose input is multiplied by a random
             block-orthogonal matrix inside the activation quantizer (``W`` gets the same rotation: exact in float).
             Spreads outliers that smoothing cannot move; costs a small matmul per token. Not exportable.
+        quantize_embeddings: store the input embedding as int8 rows (weight-only), and a tied LM head as the
+            same int8 rows with float activations: about a quarter of the embedding's memory. Not exportable.
         ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
             kept in float unless ``quantize_lm_head`` is set.
         quantize_lm_head: quantize the output embedding too.
@@ -66,6 +68,7 @@ class W8A8Config(BaseConfig):
     smooth_in_quantizer: bool = False
     quantize_attention: bool = False
     rotate: tuple[str, ...] = ()
+    quantize_embeddings: bool = False
     ignore: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     backend: Backend = "int8"

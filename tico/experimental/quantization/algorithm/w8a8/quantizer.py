@@ -32,6 +32,7 @@ from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, 
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.quantizer import BaseQuantizer
 from tico.experimental.quantization.registry import register_quantizer
+from tico.experimental.quantization.w8a8.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.w8a8.linear import W8A8Linear
 
 logger = logging.getLogger(__name__)
@@ -215,8 +216,28 @@ class W8A8Quantizer(BaseQuantizer):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
         self.report.quantized = list(replacements)
+        if cfg.quantize_embeddings:
+            self._quantize_embeddings(model)
         logger.info("%s", self.report.summary())
         return model
+
+    def _quantize_embeddings(self, model: nn.Module) -> None:
+        """int8 rows for the input embedding; a head tied to it reads the same int8 rows."""
+        get_in = getattr(model, "get_input_embeddings", None)
+        embedding = get_in() if callable(get_in) else None
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(f"W8A8Config.quantize_embeddings: {type(model).__name__} has no nn.Embedding input embedding")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
+        q = Int8Embedding(embedding)
+        for name, module in model.named_modules():
+            for child_name, child in module.named_children():
+                if child is embedding:
+                    setattr(module, child_name, q)
+                elif tied and child is head:
+                    setattr(module, child_name, Int8TiedHead(q, head.bias))
+                    self.report.kept_float.pop(f"{name}.{child_name}".lstrip("."), None)
+        self.report.quantized.append("input embedding (int8 rows, weight-only)" + (" + tied LM head" if tied else ""))
 
     def _rotated_layer(self, name, module, sample, smooth, quant) -> nn.Module:
         """A layer whose (smoothed) input is rotated inside the quantizer; static ranges come from the sample
