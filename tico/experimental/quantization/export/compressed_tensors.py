@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tico.experimental.quantization.w8a8.embedding import Int8Embedding
 from tico.experimental.quantization.w8a8.linear import W8A8Linear
 
 
@@ -56,7 +57,7 @@ def save_compressed(model: nn.Module, output_dir: str | Path) -> Path:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
-    if any(hasattr(m, "weight_int8") for m in model.modules()):
+    if any(isinstance(m, Int8Embedding) for m in model.modules()):
         raise ValueError("compressed-tensors export of int8 embeddings is not supported; quantize with quantize_embeddings=False")
     rotated = [n for n, m in model.named_modules() if hasattr(m, "rotation") and isinstance(getattr(m, "inner", None), W8A8Linear)]
     if rotated:
