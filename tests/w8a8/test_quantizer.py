@@ -84,12 +84,17 @@ def test_int8_and_fake_backends_agree():
     assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-3
 
 
-def test_bf16_model_dynamic():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_half_precision_models(dtype, activations):
     ids = input_ids("llama", batch=2, seq=16)
-    q, _ = _quantize(build_model("llama", dtype=torch.bfloat16), W8A8Config(smoothing=SmoothQuantConfig()), ids)
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations=activations)
+    q, _ = _quantize(build_model("llama", dtype=dtype), config, ids)
     with torch.no_grad():
         out = q(ids).logits
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        ref = build_model("llama")(ids).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 0.1
 
 
 def test_auto_alpha_never_scores_worse_than_the_default(monkeypatch):
