@@ -98,6 +98,19 @@ def load_model(name: str, dtype: str, device: str, trust_remote_code: bool):
     return model.to(device).eval(), tokenizer
 
 
+def _model_and_windows(args: argparse.Namespace):
+    """The model, its tokenizer and ``--samples`` calibration windows of ``--seq-len`` tokens."""
+    from tico.experimental.quantization.evaluation.data import calibration_windows
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    text = load_text(args.dataset, args.dataset_config, args.split, args.text_column)
+    try:
+        windows = calibration_windows(tokenizer, text, args.seq_len, args.samples)
+    except ValueError as exc:
+        raise CliError(f"dataset {args.dataset}: {exc}", EXIT_LOAD) from None
+    return model, tokenizer, windows
+
+
 def _check_output(output: Path) -> None:
     parent = output.resolve().parent
     if output.exists() and any(output.iterdir()):
@@ -117,7 +130,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
     from tico.experimental.quantization.config.w8a8 import W8A8Config
-    from tico.experimental.quantization.evaluation.data import calibration_windows
     from tico.experimental.quantization.export.compressed_tensors import save_compressed
 
     output = Path(args.output)
@@ -125,12 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.alpha == "auto" and args.scheme == "smooth":
         raise CliError("--alpha auto needs a W8A8 scheme to score alphas against (--scheme w8a8-dynamic/static)", EXIT_ARGS)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    text = load_text(args.dataset, args.dataset_config, args.split, args.text_column)
-    try:
-        windows = calibration_windows(tokenizer, text, args.seq_len, args.samples)
-    except ValueError as exc:
-        raise CliError(f"dataset {args.dataset}: {exc}", EXIT_LOAD) from None
+    model, tokenizer, windows = _model_and_windows(args)
     smoothing = SmoothQuantConfig(alpha=args.alpha, linear_producers=args.scheme != "smooth")
     config = smoothing if args.scheme == "smooth" else W8A8Config(
         smoothing=smoothing, activations=args.scheme.split("-")[1]
@@ -193,7 +200,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tico.experimental.quantization import convert, get_quantizer, prepare
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-    from tico.experimental.quantization.evaluation.data import calibration_windows
     from tico.experimental.quantization.evaluation.outliers import outlier_report, write_report
 
     try:
@@ -202,14 +208,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CliError("tico-sq report draws plots with matplotlib: pip install matplotlib", EXIT_LOAD) from None
     output = Path(args.output)
     _check_output(output)
-    model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
-    text = load_text(args.dataset, args.dataset_config, args.split, args.text_column)
-    try:
-        windows = calibration_windows(tokenizer, text, args.seq_len, args.samples)
-    except ValueError as exc:
-        raise CliError(f"dataset {args.dataset}: {exc}", EXIT_LOAD) from None
     if args.alpha == "auto":
         raise CliError("report takes a fixed --alpha (auto needs a quantizer to score against)", EXIT_ARGS)
+    model, tokenizer, windows = _model_and_windows(args)
     model = prepare(model, SmoothQuantConfig(alpha=args.alpha, linear_producers=True))
     quantizer = get_quantizer(model)
     with torch.no_grad():
