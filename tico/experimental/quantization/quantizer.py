@@ -10,6 +10,10 @@ import torch
 from tico.experimental.quantization.config.base import BaseConfig
 
 
+class QuantizationError(ValueError):
+    """A plan or its statistics cannot be applied; the message names every offending module."""
+
+
 class BaseQuantizer(abc.ABC):
     """One algorithm's lifecycle on one model.
 

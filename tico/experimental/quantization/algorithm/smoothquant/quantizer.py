@@ -32,7 +32,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import (
     to_producer_channels,
 )
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.quantizer import BaseQuantizer
+from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError
 from tico.experimental.quantization.registry import register_quantizer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def observed_width(group: SmoothingGroup) -> int:
     return len(point.channel_map) if point is not None and point.channel_map is not None else group.channels  # type: ignore[return-value]
 
 
-class SmoothQuantError(ValueError):
+class SmoothQuantError(QuantizationError):
     """A SmoothQuant plan or its statistics are invalid; the message names every offending module."""
 
 

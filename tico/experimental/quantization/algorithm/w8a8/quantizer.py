@@ -18,11 +18,8 @@ from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
 from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import (
-    SmoothQuantError,
-    SmoothQuantQuantizer,
-    observed_width,
-)
+from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantQuantizer, observed_width
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
 from tico.experimental.quantization.algorithm.w8a8 import attention
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
@@ -30,19 +27,14 @@ from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
 from tico.experimental.quantization.config.w8a8 import W8A8Config
-from tico.experimental.quantization.quantizer import BaseQuantizer
+from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError
 from tico.experimental.quantization.registry import register_quantizer
 from tico.experimental.quantization.w8a8.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.w8a8.linear import W8A8Linear
 
 logger = logging.getLogger(__name__)
 
-try:  # GPT-2 style layers: y = x @ W + b with W stored [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but keep the module importable
-    Conv1D = ()  # type: ignore[assignment,misc]
-
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+LINEAR_TYPES = tuple(LINEAR_OUTPUT_AXIS)  # nn.Linear and GPT-2's Conv1D, as for smoothing producers
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
@@ -169,7 +161,7 @@ class W8A8Quantizer(BaseQuantizer):
         self._check_statistics()
         unseen = attention.freeze(model, self.attention_modules)
         if unseen:
-            raise SmoothQuantError(f"W8A8 cannot convert; nothing was changed: attention inputs never observed in {unseen}")
+            raise QuantizationError(f"W8A8 cannot convert; nothing was changed: attention inputs never observed in {unseen}")
         quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
         if self.sq is not None:
             if self.sq.config.alpha_is_auto:
@@ -318,4 +310,4 @@ class W8A8Quantizer(BaseQuantizer):
             else:
                 errors.append(f"no activations were observed at {unseen}")
         if errors:
-            raise SmoothQuantError("W8A8 cannot convert; nothing was changed:\n  - " + "\n  - ".join(errors))
+            raise QuantizationError("W8A8 cannot convert; nothing was changed:\n  - " + "\n  - ".join(errors))
