@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tico.experimental.quantization.w8a8 import W8A8Linear
-from tico.experimental.quantization.w8a8.linear import _onednn_qlinear, onednn_int8_available
+from tico.experimental.quantization.nn import W8A8Linear
+from tico.experimental.quantization.nn.kernels import onednn_int8_available, onednn_qlinear
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -130,7 +130,7 @@ def build_candidates(args: argparse.Namespace) -> tuple[dict[str, Callable[[], t
         packed = torch.ops.onednn.qlinear_prepack(wq, None)
         xu8 = xq.view(torch.uint8) ^ 128
         w_scale, zp, bias = torch.rand(n) * 1e-3, torch.zeros(n, dtype=torch.long), linear.bias.detach()
-        rows["raw oneDNN int8 matmul (pre-quantized)"] = lambda: _onednn_qlinear(
+        rows["raw oneDNN int8 matmul (pre-quantized)"] = lambda: onednn_qlinear(
             xu8, 0.02, packed, w_scale, zp, bias, torch.float32
         )
     else:

@@ -11,7 +11,7 @@ from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
-from tico.experimental.quantization.w8a8.linear import W8A8Linear
+from tico.experimental.quantization.nn.linear import W8A8Linear
 from zoo import build_model, input_ids
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from dataclasses import dataclass
+from typing import Literal, Mapping, get_args
 
 from tico.experimental.quantization.config.base import BaseConfig
 
@@ -56,15 +56,14 @@ class SmoothQuantConfig(BaseConfig):
     custom_alpha_map: Mapping[str, float] | None = None
     acts_from: ActsFrom = "input"
     linear_producers: bool = False
-    _frozen_map: tuple[tuple[str, float], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.alpha != "auto":
             object.__setattr__(self, "alpha", _check_alpha(self.alpha, "SmoothQuantConfig.alpha"))
         if not isinstance(self.linear_producers, bool):
             raise ValueError(f"SmoothQuantConfig.linear_producers must be a bool, got {self.linear_producers!r}")
-        if self.acts_from not in ("input", "output"):
-            raise ValueError(f"SmoothQuantConfig.acts_from must be 'input' or 'output', got {self.acts_from!r}")
+        if self.acts_from not in get_args(ActsFrom):
+            raise ValueError(f"SmoothQuantConfig.acts_from must be one of {list(get_args(ActsFrom))}, got {self.acts_from!r}")
         amap = self.custom_alpha_map
         if amap is None:
             amap = {}
@@ -77,9 +76,11 @@ class SmoothQuantConfig(BaseConfig):
             if not isinstance(name, str):
                 raise ValueError(f"SmoothQuantConfig.custom_alpha_map keys must be module names (str), got {name!r}")
             checked[name] = _check_alpha(value, f"SmoothQuantConfig.custom_alpha_map[{name!r}]")
-        # A private read-only copy, so mutating the caller's dict later cannot change a validated config.
+        # A private copy, so mutating the caller's dict later cannot change a validated config.
         object.__setattr__(self, "custom_alpha_map", dict(checked))
-        object.__setattr__(self, "_frozen_map", tuple(sorted(checked.items())))
+
+    def __hash__(self) -> int:  # the alpha map is a dict: hash its items, so configs can key caches
+        return hash((self.alpha, tuple(sorted(self.custom_alpha_map.items())), self.acts_from, self.linear_producers))
 
     @property
     def name(self) -> str:
@@ -96,7 +97,7 @@ class SmoothQuantConfig(BaseConfig):
         """
         best: tuple[int, float] | None = None
         default = 0.5 if self.alpha == "auto" else float(self.alpha)  # auto: the search's starting point
-        for key, value in self._frozen_map:
+        for key, value in self.custom_alpha_map.items():
             if any(_contains(key, n) for n in module_names):
                 depth = len(key)
                 if best is None or depth > best[0]:

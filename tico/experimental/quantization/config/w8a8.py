@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
@@ -15,9 +15,10 @@ ActRange = Literal["absmax", "mse", "output_mse", "percentile"]
 Backend = Literal["int8", "fake"]
 
 
-def _one_of(value: object, allowed: tuple[str, ...], where: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"W8A8Config.{where} must be one of {list(allowed)}, got {value!r}")
+def _one_of(value: object, allowed: object, where: str) -> None:
+    """``value`` must be one of the ``Literal`` type ``allowed``'s values (the type is the one source of them)."""
+    if value not in get_args(allowed):
+        raise ValueError(f"W8A8Config.{where} must be one of {list(get_args(allowed))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,6 @@ class W8A8Config(BaseConfig):
         alpha_grid: candidate alphas for ``smoothing.alpha="auto"``.
         calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
             than ``"absmax"`` and for ``alpha="auto"``.
-        bits: must be 8; any other value is rejected (only int8 is implemented).
     """
 
     smoothing: SmoothQuantConfig | None = None
@@ -74,15 +74,12 @@ class W8A8Config(BaseConfig):
     backend: Backend = "int8"
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
     calibration_rows: int = 2048
-    bits: int = 8
 
     def __post_init__(self) -> None:
-        if self.bits != 8:
-            raise ValueError(f"W8A8Config.bits must be 8 (only int8 is implemented), got {self.bits!r}")
-        _one_of(self.weights, ("per_channel", "per_tensor"), "weights")
-        _one_of(self.activations, ("dynamic", "static"), "activations")
-        _one_of(self.act_range, ("absmax", "mse", "output_mse", "percentile"), "act_range")
-        _one_of(self.backend, ("int8", "fake"), "backend")
+        _one_of(self.weights, WeightGranularity, "weights")
+        _one_of(self.activations, Activations, "activations")
+        _one_of(self.act_range, ActRange, "act_range")
+        _one_of(self.backend, Backend, "backend")
         if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuantConfig):
             raise ValueError(f"W8A8Config.smoothing must be a SmoothQuantConfig or None, got {type(self.smoothing).__name__}")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tico.experimental.quantization.w8a8.embedding import Int8Embedding
-from tico.experimental.quantization.w8a8.linear import W8A8Linear
+from tico.experimental.quantization.nn.embedding import Int8Embedding
+from tico.experimental.quantization.nn.linear import W8A8Linear
 
 
 def _scheme(layer: W8A8Linear) -> tuple[str, str, bool]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation
+from tico.experimental.quantization.nn.qscheme import fake_quant_activation, range_to_scale
 
 ATTN_NAME = "tico_w8a8_sdpa"
 STATE_ATTR = "_tico_attention_quant"
@@ -35,7 +35,7 @@ class AttentionQuantState:
         return fake_quant_activation(x, "per_tensor", scale=self.scales[role]).to(x.dtype)
 
     def freeze(self) -> None:
-        self.scales = {r: max(self.absmax[r], 1e-12) / 127.0 for r in ROLES}
+        self.scales = {r: range_to_scale(self.absmax[r]) for r in ROLES}
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):

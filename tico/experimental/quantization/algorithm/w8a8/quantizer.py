@@ -29,8 +29,9 @@ from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, 
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError
 from tico.experimental.quantization.registry import register_quantizer
-from tico.experimental.quantization.w8a8.embedding import Int8Embedding, Int8TiedHead
-from tico.experimental.quantization.w8a8.linear import W8A8Linear
+from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead
+from tico.experimental.quantization.nn.linear import W8A8Linear
+from tico.experimental.quantization.nn.qscheme import range_to_scale
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class W8A8Quantizer(BaseQuantizer):
                     weight_q = quant.quantize_weight(weight)
                 r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
                 self.report.act_ranges[name] = r
-                act_scale = max(r, 1e-12) / 127.0
+                act_scale = range_to_scale(r)
             replacements[name] = W8A8Linear.from_linear(
                 as_linear(module),
                 weight_granularity=cfg.weights,
@@ -251,7 +252,7 @@ class W8A8Quantizer(BaseQuantizer):
             method = "mse" if cfg.act_range == "absmax" else cfg.act_range
             r = static_range(method, x, float(x.abs().max()), cfg.percentile, rotated.weight.float(), wq)
             self.report.act_ranges[name] = r
-            act_scale = max(r, 1e-12) / 127.0
+            act_scale = range_to_scale(r)
         inner = W8A8Linear.from_linear(
             rotated, weight_granularity=cfg.weights,
             act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
@@ -273,10 +274,6 @@ class W8A8Quantizer(BaseQuantizer):
             if terms:
                 scales_for, _ = self.sq.scale_function(g, params)
                 g.alpha, _ = search_alpha(terms, scales_for, self.config.alpha_grid, quant)
-
-    @staticmethod
-    def _is_linear(model: nn.Module, name: str) -> bool:
-        return isinstance(model.get_submodule(name), LINEAR_TYPES)
 
     def _in_quantizer_scales(self, name: str, module: nn.Module, obs: SampledChannelObserver, quant: DeployedQuant) -> torch.Tensor:
         """Smoothing scales applied inside the activation quantizer of a layer whose input no producer absorbs."""

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation
+from tico.experimental.quantization.nn.qscheme import fake_quant_range
 
-QMAX = 127.0
 CLIP_RATIOS = torch.linspace(0.05, 1.0, 96)
-
-
-def fake_quant_per_tensor(x: torch.Tensor, absmax: float) -> torch.Tensor:
-    """Static per-tensor int8 quantize-dequantize with range ``absmax``: the deployed kernel's exact integers."""
-    return fake_quant_activation(x, "per_tensor", scale=max(float(absmax), 1e-12) / QMAX)
 
 
 def mse_range(sample: torch.Tensor, absmax: float) -> float:
@@ -28,7 +22,7 @@ def mse_range(sample: torch.Tensor, absmax: float) -> float:
     best, best_err = absmax, float("inf")
     for ratio in CLIP_RATIOS.tolist():
         clip = absmax * ratio
-        err = float((fake_quant_per_tensor(x, clip) - x).pow(2).sum())
+        err = float((fake_quant_range(x, clip) - x).pow(2).sum())
         if err < best_err:
             best, best_err = clip, err
     return best
@@ -48,7 +42,7 @@ def output_mse_range(sample: torch.Tensor, absmax: float, weight: torch.Tensor, 
     best, best_err = absmax, float("inf")
     for ratio in CLIP_RATIOS.tolist():
         clip = absmax * ratio
-        err = float((fake_quant_per_tensor(x, clip) @ wq - ref).pow(2).sum())
+        err = float((fake_quant_range(x, clip) @ wq - ref).pow(2).sum())
         if err < best_err:
             best, best_err = clip, err
     return best

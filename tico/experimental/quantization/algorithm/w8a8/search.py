@@ -16,7 +16,7 @@ import torch
 
 from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
-from tico.experimental.quantization.w8a8.qscheme import fake_quant_activation, fake_quant_weight
+from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range, fake_quant_weight
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class DeployedQuant:
 
     weights: str  # "per_channel" | "per_tensor"
     activations: str  # "dynamic" | "static"
-    act_range: str  # "absmax" | "mse" | "percentile"
+    act_range: str  # "absmax" | "mse" | "output_mse" | "percentile"
     percentile: float
 
     def quantize_acts(
@@ -37,7 +37,7 @@ class DeployedQuant:
             return fake_quant_activation(x_smoothed, "per_token")
         wq = None if weight is None else self.quantize_weight(weight)
         r = static_range(self.act_range, x_smoothed, float(absmax_smoothed.max()), self.percentile, weight, wq)
-        return fake_quant_activation(x_smoothed, "per_tensor", scale=max(r, 1e-12) / 127.0)
+        return fake_quant_range(x_smoothed, r)
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quant_weight(w, self.weights)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import tico.experimental.quantization.w8a8.linear as linear_mod
-from tico.experimental.quantization.w8a8 import W8A8Linear, onednn_int8_available
-from tico.experimental.quantization.w8a8.linear import exact_int8_matmul, int8_matmul, int_mm_supported
-from tico.experimental.quantization.w8a8.qscheme import (
+import tico.experimental.quantization.nn.kernels as kernels_mod
+from tico.experimental.quantization.nn import W8A8Linear, onednn_int8_available
+from tico.experimental.quantization.nn.kernels import exact_int8_matmul, int8_matmul, int_mm_supported
+from tico.experimental.quantization.nn.qscheme import (
     dequantize,
     fake_quant_activation,
     fake_quant_weight,
@@ -93,12 +93,29 @@ def test_per_token_round_trip_and_leading_dims():
     assert bool((q.abs().amax(-1) == 127).all())  # per-token: every row uses the full range
 
 
-def test_static_per_tensor_rounds_half_to_even_and_clamps_symmetrically():
-    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5, 126.6, 1000.0, -1000.0, -127.5]])
+def test_static_per_tensor_rounds_half_to_even_and_saturates_like_the_serving_engine():
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -2.5, 126.6, 1000.0, -1000.0, -127.5, -128.4]])
     q = quantize_per_tensor(x, 1.0)
-    assert q.tolist() == [[0, 2, 2, 0, -2, 127, 127, -127, -127]]  # never -128
+    assert q.tolist() == [[0, 2, 2, 0, -2, 127, 127, -128, -128, -128]]  # [-128, 127], as vLLM clamps
     xq = fake_quant_activation(x * 0.25, "per_tensor", scale=0.25)
     assert xq.tolist() == [[v * 0.25 for v in q[0].tolist()]]
+
+
+def test_static_integers_equal_compressed_tensors_quantize_on_saturating_inputs():
+    ct_forward = pytest.importorskip("compressed_tensors.quantization.lifecycle.forward")
+    from compressed_tensors.quantization import QuantizationArgs
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=gen) * 3
+    x[::7, ::5] *= 40  # outliers far beyond the range, both signs
+    scale = float(x.abs().quantile(0.9)) / 127  # a clipping static range
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor")
+    theirs = ct_forward.quantize(x, torch.tensor([scale]), torch.zeros(1, dtype=torch.int8), args, dtype=torch.int8)
+    ours = quantize_per_tensor(x, scale)
+    assert int(ours.min()) == -128 and int(ours.max()) == 127
+    assert torch.equal(ours, theirs)
+    layer = W8A8Linear.from_linear(make_linear(), act_granularity="per_tensor", act_scale=scale)
+    assert torch.equal(layer.quantize_input(x)[0], theirs)
 
 
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
@@ -206,11 +223,12 @@ def test_exact_fallback_on_odd_shapes_and_large_k():
         ref = (a.long() @ w.long().t()).int()
         assert torch.equal(exact_int8_matmul(a, w), ref)
         assert torch.equal(int8_matmul(a, w), ref)
-    # worst case partial sums: every product +127*127
-    a = torch.full((2, 3000), 127, dtype=torch.int8)
-    assert torch.equal(exact_int8_matmul(a, a), torch.full((2, 2), 3000 * 127 * 127, dtype=torch.int32))
+    # worst case partial sums: every product (-128) * (-127), the largest an activation and a weight can make
+    a = torch.full((2, 3000), -128, dtype=torch.int8)
+    w = torch.full((2, 3000), -127, dtype=torch.int8)
+    assert torch.equal(exact_int8_matmul(a, w), torch.full((2, 2), 3000 * 128 * 127, dtype=torch.int32))
     with pytest.raises(ValueError, match="chunk"):
-        exact_int8_matmul(a, a, chunk=2000)
+        exact_int8_matmul(a, w, chunk=2000)
     cuda = torch.device("cuda")
     assert not int_mm_supported(16, 64, 64, cuda) and not int_mm_supported(32, 60, 64, cuda)
     assert not int_mm_supported(32, 64, 20, cuda) and int_mm_supported(17, 64, 64, cuda)
@@ -224,7 +242,7 @@ def test_linear_on_an_odd_shape_through_the_fallback(monkeypatch):
         m = W8A8Linear.from_linear(lin, act_granularity=act, act_scale=scale, kernel="int_mm")
         with torch.no_grad():
             direct = m(x)
-            monkeypatch.setattr(linear_mod, "int_mm_supported", lambda *args: False)
+            monkeypatch.setattr(kernels_mod, "int_mm_supported", lambda *args: False)
             fallback = m(x)
             monkeypatch.undo()
             auto = W8A8Linear.from_linear(lin, act_granularity=act, act_scale=scale)(x)
@@ -317,8 +335,8 @@ def test_bad_arguments_raise_clear_errors():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite and > 0"):
             W8A8Linear.from_linear(lin, act_granularity="per_tensor", act_scale=bad)
-    with pytest.raises(ValueError, match="only 8-bit"):
-        W8A8Linear.from_linear(lin, bits=4)
+    with pytest.raises(TypeError, match="bits"):
+        W8A8Linear.from_linear(lin, bits=4)  # only int8 exists: there is no bits option
     with pytest.raises(ValueError, match="backend must be one of"):
         W8A8Linear.from_linear(lin, backend="int4")
     with pytest.raises(ValueError, match="kernel must be one of"):

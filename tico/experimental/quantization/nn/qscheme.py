@@ -1,14 +1,21 @@
-"""Symmetric int8 quantization maths, shared by the real (int8) and the simulated (fake) W8A8 backends.
+"""Symmetric int8 quantization maths: the one place where int8 scales, rounding and clamping are written.
 
-Both backends call the functions below, so they produce the *same integers*: only the float arithmetic after the
-integer matmul (summation order, order of the scale multiplies) can differ between them.
+Every other module (the int8 and fake backends of :class:`~.linear.W8A8Linear`, the int8 embedding, range
+search, the alpha search, attention fake-quant, the exporter) calls the functions below, so they all produce the
+*same integers*: only the float arithmetic after the integer matmul (summation order, order of the scale
+multiplies) can differ between backends.
 
-The scheme, for a tensor ``t`` (already in fp32) and a scale ``d`` (fp32):
+The scheme, for a tensor ``t`` (computed in fp32) and a scale ``d`` (fp32):
 
-* ``d = max(absmax, EPS) / 127`` (an all-zero row/column/tensor gets a tiny positive scale, never 0, NaN or inf),
-* ``q = clamp(round(t * m), -127, 127)`` with the fp32 multiplier ``m = 1 / d``; ``torch.round`` rounds half to
-  even; the range is symmetric (-128 is never produced),
+* ``d = max(r, EPS) / 127`` for a range (abs-max or clip) ``r`` (:func:`range_to_scale`); an all-zero
+  row/column/tensor gets a tiny positive scale, never 0, NaN or inf,
+* ``q = clamp(round(t * m), qmin, 127)`` with the fp32 multiplier ``m = 1 / d``; ``torch.round`` rounds half to
+  even,
 * dequantized value ``q * d``.
+
+``qmin`` is ``-127`` for weights (symmetric; a weight's own abs-max never rounds below -127 anyway) and ``-128``
+for activations, as compressed-tensors and vLLM's int8 kernels clamp: a static range that clips a negative
+outlier then saturates at exactly the integer the serving engine produces.
 
 Weights are quantized per output channel (one scale per row of ``[out, in]``) or per tensor. Activations are
 quantized per token (one scale per row of the flattened ``[tokens, in]`` input, found at run time) or per tensor
@@ -30,19 +37,20 @@ are ``[out, 1]`` and per-tensor ones ``[1]``, the layout compressed-tensors chec
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-QMIN = -127
 QMAX = 127
+QMIN_WEIGHT = -127
+QMIN_ACT = -128
 EPS = 1e-12
 """Floor of an abs-max before it becomes a scale: rows that are (almost) all zero quantize to 0 with a finite scale."""
 
 WeightGranularity = Literal["per_channel", "per_tensor"]
 ActGranularity = Literal["per_token", "per_tensor"]
-WEIGHT_GRANULARITIES: tuple[str, ...] = ("per_channel", "per_tensor")
-ACT_GRANULARITIES: tuple[str, ...] = ("per_token", "per_tensor")
+WEIGHT_GRANULARITIES: tuple[str, ...] = get_args(WeightGranularity)
+ACT_GRANULARITIES: tuple[str, ...] = get_args(ActGranularity)
 
 
 def check_granularity(value: object, allowed: tuple[str, ...], what: str) -> str:
@@ -50,13 +58,6 @@ def check_granularity(value: object, allowed: tuple[str, ...], what: str) -> str
     if value not in allowed:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
     return value  # type: ignore[return-value]
-
-
-def check_bits(bits: int) -> int:
-    """Only 8-bit integers are implemented; anything else is a ``ValueError``."""
-    if bits != 8:
-        raise ValueError(f"only 8-bit quantization is supported (int8 weights and activations), got bits={bits!r}")
-    return bits
 
 
 def check_static_scale(scale: float | torch.Tensor | None) -> float:
@@ -80,14 +81,19 @@ def absmax_to_scale(absmax: torch.Tensor) -> torch.Tensor:
     return absmax.float().clamp_min(EPS).div_(QMAX)
 
 
+def range_to_scale(r: float | torch.Tensor) -> float:
+    """The static fp32 scale of a per-tensor range ``r`` (abs-max or clip) as a Python float: ``max(r, EPS) / 127``."""
+    return float(absmax_to_scale(torch.as_tensor(r, dtype=torch.float32).reshape(1)))
+
+
 def rowwise_absmax(t: torch.Tensor) -> torch.Tensor:
     """``max |t|`` over the last dimension, keepdim (two reductions, no ``|t|`` temporary)."""
     return torch.maximum(t.amax(dim=-1, keepdim=True), t.amin(dim=-1, keepdim=True).neg())
 
 
-def round_clamp_(t: torch.Tensor) -> torch.Tensor:
-    """In place: ``clamp(round(t), -127, 127)`` (round half to even). ``t`` must be a float tensor we own."""
-    return t.round_().clamp_(QMIN, QMAX)
+def round_clamp_(t: torch.Tensor, qmin: int = QMIN_ACT) -> torch.Tensor:
+    """In place: ``clamp(round(t), qmin, 127)`` (round half to even). ``t`` must be a float tensor we own."""
+    return t.round_().clamp_(qmin, QMAX)
 
 
 # -- weights ----------------------------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def quantize_weight(
         with ``weight ~= q * scale``.
     """
     scale = weight_scale(weight, granularity)
-    q = round_clamp_(weight.float() * scale.reciprocal()).to(torch.int8)
+    q = round_clamp_(weight.float() * scale.reciprocal(), QMIN_WEIGHT).to(torch.int8)
     return q, scale
 
 
@@ -142,10 +148,24 @@ def static_multiplier(scale: float, smooth_scale: torch.Tensor | None = None) ->
     to the input's precision before rounding to an integer.)
     """
     scale = check_static_scale(scale)
-    if smooth_scale is None:
-        return torch.tensor([1.0 / scale], dtype=torch.float32)
-    check_smooth_scale(smooth_scale)
-    return (1.0 / (smooth_scale.detach().double() * scale)).float()
+    if smooth_scale is not None:
+        check_smooth_scale(smooth_scale)
+    return multiplier_of(torch.tensor([scale], dtype=torch.float64), smooth_scale)
+
+
+def multiplier_of(scale: torch.Tensor, smooth_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`static_multiplier` of a scale *tensor*, unchecked and traceable (``torch.compile``): fp32
+    ``1 / (s * scale)`` computed in fp64."""
+    d = scale.detach().double().reshape(-1)
+    if smooth_scale is not None:
+        d = smooth_scale.detach().double().to(d.device) * d
+    return d.reciprocal().float()
+
+
+def quantize_static(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """int8 ``clamp(round(x * m), -128, 127)``, computed in fp32 (traceable: plain tensor ops)."""
+    t = torch.mul(x, multiplier.to(x.device), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+    return round_clamp_(t).to(torch.int8)
 
 
 def check_smooth_scale(smooth_scale: torch.Tensor, in_features: int | None = None) -> None:
@@ -190,14 +210,13 @@ def quantize_per_token(
 def quantize_per_tensor(
     x: torch.Tensor, scale: float, smooth_scale: torch.Tensor | None = None, multiplier: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Static per-tensor quantization with a given fp32 ``scale``: int8 ``clamp(round(x * m), -127, 127)``.
+    """Static per-tensor quantization with a given fp32 ``scale``: int8 ``clamp(round(x * m), -128, 127)``.
 
     ``m`` is :func:`static_multiplier` ``(scale, smooth_scale)``; pass it precomputed as ``multiplier`` to skip
     recomputing it (it must come from the same ``scale`` and ``smooth_scale``).
     """
     m = static_multiplier(scale, smooth_scale) if multiplier is None else multiplier
-    t = torch.mul(x, m.to(x.device), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
-    return round_clamp_(t).to(torch.int8)
+    return quantize_static(x, m)
 
 
 def quantize_activation(
@@ -237,6 +256,24 @@ def fake_quant_activation(
         t = t.mul_(d.reciprocal()) if owned else t * d.reciprocal()
         return round_clamp_(t).mul_(d)
     value = check_static_scale(scale)
-    m = static_multiplier(value, smooth_scale).to(x.device)
-    t = torch.mul(x, m, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
-    return round_clamp_(t).mul_(value)
+    return fake_quant_static(x, static_multiplier(value, smooth_scale), value)
+
+
+def fake_quant_static(x: torch.Tensor, multiplier: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Static per-tensor quantize-dequantize with a precomputed ``multiplier`` (traceable); fp32."""
+    t = torch.mul(x, multiplier.to(x.device), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+    return round_clamp_(t).mul_(scale)
+
+
+def fake_quant_range(x: torch.Tensor, r: float) -> torch.Tensor:
+    """Static per-tensor quantize-dequantize of ``x`` with range ``r`` (scale ``r / 127``): what range
+    searches score, with the deployed kernel's exact integers."""
+    return fake_quant_activation(x, "per_tensor", scale=range_to_scale(r))
+
+
+@torch.no_grad()
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 rows (an embedding table): ``(int8 [rows, dim], fp32 scale [rows])``, the integers of
+    per-channel :func:`quantize_weight`."""
+    q, scale = quantize_weight(weight.detach(), "per_channel")
+    return q, scale.reshape(-1)

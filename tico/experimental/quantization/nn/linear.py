@@ -21,154 +21,38 @@ fuses around the matmul.
 
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tico.experimental.quantization.w8a8.qscheme import (
+from tico.experimental.quantization.nn.kernels import U8_ZERO_POINT, int8_matmul, onednn_int8_available, onednn_qlinear
+from tico.experimental.quantization.nn.qscheme import (
     ACT_GRANULARITIES,
     WEIGHT_GRANULARITIES,
     ActGranularity,
     WeightGranularity,
-    check_bits,
     check_granularity,
     check_smooth_scale,
     check_static_scale,
     dequantize,
     fake_quant_activation,
+    fake_quant_static,
+    multiplier_of,
     quantize_per_tensor,
     quantize_per_token,
+    quantize_static,
     quantize_weight,
     static_multiplier,
 )
 
 Backend = Literal["int8", "fake"]
 Kernel = Literal["auto", "onednn", "int_mm"]
-BACKENDS: tuple[str, ...] = ("int8", "fake")
-KERNELS: tuple[str, ...] = ("auto", "onednn", "int_mm")
-
-# Every partial sum of this many int8 x int8 products (|p| <= 127 * 127) stays below 2**24, so fp32 holds it exactly.
-QMAX_SQ = 127 * 127
-EXACT_CHUNK = 1024
-_U8_ZERO_POINT = 128  # oneDNN's fast int8 kernels take u8 activations: q + 128, with zero point 128
-
-
-# -- integer matmul ---------------------------------------------------------------------------------------------
-
-
-def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
-    """Whether ``torch._int_mm`` accepts an ``[m, k] x [k, n]`` int8 product on ``device``.
-
-    CPU takes any shape; CUDA needs ``m > 16`` and ``k``, ``n`` multiples of 8; other devices are not supported.
-    """
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return m > 16 and k > 0 and n > 0 and k % 8 == 0 and n % 8 == 0
-    return False
-
-
-def exact_int8_matmul(a: torch.Tensor, w: torch.Tensor, chunk: int = EXACT_CHUNK) -> torch.Tensor:
-    """``a [m, k] @ w [n, k]^T`` of int8 tensors as exact int32, on any device, with fp32 matmuls.
-
-    The reduction is split into ``chunk``-long pieces whose partial sums (at most ``chunk * 127 * 127 < 2**24``) are
-    integers fp32 represents exactly, whatever the summation order (also under TF32/bf16 matmul modes: int8 values
-    are exact there too); the pieces are added in int32.
-    """
-    if chunk * QMAX_SQ >= 2**24:
-        raise ValueError(f"chunk={chunk} is too long for exact fp32 partial sums (at most {(2**24 - 1) // QMAX_SQ})")
-    m, k = a.shape
-    out = torch.zeros(m, w.shape[0], dtype=torch.int32, device=a.device)
-    for start in range(0, k, chunk):
-        part = a[:, start : start + chunk].float() @ w[:, start : start + chunk].float().t()
-        out += part.to(torch.int32)
-    return out
-
-
-def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a [m, k] @ w [n, k]^T`` for int8 ``a`` and ``w``, as int32 ``[m, n]``: ``torch._int_mm`` where supported.
-
-    On CUDA, ``m <= 16`` is handled by padding ``a`` with zero rows; shapes or devices ``torch._int_mm`` cannot take
-    go to :func:`exact_int8_matmul`.
-    """
-    m, k = a.shape
-    n = w.shape[0]
-    if a.device.type == "cuda" and m <= 16 and int_mm_supported(17, k, n, a.device):
-        padded = F.pad(a, (0, 0, 0, 17 - m))
-        return torch._int_mm(padded, w.t())[:m]
-    if int_mm_supported(m, k, n, a.device):
-        return torch._int_mm(a, w.t())
-    return exact_int8_matmul(a, w)
-
-
-def _onednn_qlinear(
-    u8: torch.Tensor,
-    x_scale: float,
-    packed: torch.Tensor,
-    w_scale: torch.Tensor,
-    w_zero_point: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """oneDNN int8 linear: ``(u8 - 128) @ W^T * (x_scale * w_scale) + bias`` in ``out_dtype``."""
-    return torch.ops.onednn.qlinear_pointwise(
-        u8, x_scale, _U8_ZERO_POINT, packed, w_scale, w_zero_point, bias, 1.0, 0, out_dtype, "none", [], ""
-    )
-
-
-def _onednn_ops_present() -> bool:
-    try:
-        return (
-            torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.onednn, "qlinear_pointwise")
-            and hasattr(torch.ops.onednn, "qlinear_prepack")
-        )
-    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_int8_available() -> bool:
-    """Whether oneDNN's fast int8 matmul runs here: ops present, a CPU with VNNI, exact and not a slow reference.
-
-    Checked once per process on a small problem: the result must equal ``torch._int_mm`` bit for bit, and must
-    not be far slower (a build/CPU where oneDNN falls back to its reference kernel is hundreds of times slower).
-    """
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    if not _onednn_ops_present() or vnni is None or not vnni():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=gen)
-        w = torch.randint(-127, 128, (256, 512), dtype=torch.int8, generator=gen)
-        packed = torch.ops.onednn.qlinear_prepack(w, None)
-        ones, zp = torch.ones(256), torch.zeros(256, dtype=torch.long)
-        u8 = a.view(torch.uint8) ^ _U8_ZERO_POINT
-
-        def onednn() -> torch.Tensor:
-            return _onednn_qlinear(u8, 1.0, packed, ones, zp, None, torch.float32)
-
-        def int_mm() -> torch.Tensor:
-            return torch._int_mm(a, w.t())
-
-        if not torch.equal(onednn().to(torch.int32), int_mm()):
-            return False
-        times = {}
-        for name, fn in (("onednn", onednn), ("int_mm", int_mm)):
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                best = min(best, time.perf_counter() - start)
-            times[name] = best
-        return times["onednn"] < 10 * times["int_mm"] + 1e-3
-    except Exception:  # noqa: BLE001 - any failure means: do not use it
-        return False
+BACKENDS: tuple[str, ...] = get_args(Backend)
+KERNELS: tuple[str, ...] = get_args(Kernel)
+BITS = 8
 
 
 def _drop_runtime(module: "W8A8Linear", incompatible_keys: Any) -> None:
@@ -241,7 +125,6 @@ class W8A8Linear(nn.Module):
         smooth: bool = False,
         backend: Backend = "int8",
         kernel: Kernel = "auto",
-        bits: int = 8,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -256,10 +139,8 @@ class W8A8Linear(nn.Module):
             backend: ``"int8"`` (integer kernels) or ``"fake"`` (float simulation of the same integers).
             kernel: CPU int8 matmul: ``"auto"`` (oneDNN where it is fast and exact, else ``torch._int_mm``),
                 ``"onednn"`` or ``"int_mm"``.
-            bits: must be 8.
         """
         super().__init__()
-        check_bits(bits)
         self.weight_granularity = check_granularity(weight_granularity, WEIGHT_GRANULARITIES, "weight_granularity")
         self.act_granularity = check_granularity(act_granularity, ACT_GRANULARITIES, "act_granularity")
         self.backend = check_granularity(backend, BACKENDS, "backend")
@@ -272,7 +153,6 @@ class W8A8Linear(nn.Module):
             raise ValueError("act_scale is only used with act_granularity='per_tensor' (static activations)")
         self.in_features = in_features
         self.out_features = out_features
-        self.bits = bits
         factory: dict[str, Any] = {"device": device}
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, **factory))
         w_shape = (out_features, 1) if weight_granularity == "per_channel" else (1,)
@@ -300,7 +180,6 @@ class W8A8Linear(nn.Module):
         smooth_scale: torch.Tensor | None = None,
         backend: Backend = "int8",
         kernel: Kernel = "auto",
-        bits: int = 8,
     ) -> "W8A8Linear":
         """Quantize ``linear`` (left unchanged).
 
@@ -314,7 +193,6 @@ class W8A8Linear(nn.Module):
                 quantizes ``W * s``, so its float output equals the original's.
             backend: ``"int8"`` or ``"fake"``.
             kernel: CPU int8 matmul kernel, see ``__init__``.
-            bits: must be 8.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -333,7 +211,6 @@ class W8A8Linear(nn.Module):
             smooth=smooth_scale is not None,
             backend=backend,
             kernel=kernel,
-            bits=bits,
             dtype=linear.weight.dtype,
             device=weight.device,
         )
@@ -347,11 +224,6 @@ class W8A8Linear(nn.Module):
         return module
 
     # -- export -------------------------------------------------------------------------------------------------
-    @property
-    def weight_int8(self) -> torch.Tensor:
-        """The int8 weight ``[out, in]`` (smoothing multiplied in)."""
-        return self.weight
-
     def quantization_state(self) -> dict[str, Any]:
         """Everything an exporter needs: tensors (on their device) and the scheme.
 
@@ -371,7 +243,7 @@ class W8A8Linear(nn.Module):
             "act_granularity": self.act_granularity,
             "dynamic": self.act_granularity == "per_token",
             "symmetric": True,
-            "bits": self.bits,
+            "bits": BITS,
         }
 
     def extra_repr(self) -> str:
@@ -383,7 +255,7 @@ class W8A8Linear(nn.Module):
             backend += f", kernel={self.active_kernel()}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight=int{self.bits} {self.weight_granularity}, act=int{self.bits} {acts}, "
+            f"weight=int{BITS} {self.weight_granularity}, act=int{BITS} {acts}, "
             f"smooth={'in quantizer' if self.smooth_scale is not None else 'none'}, backend={backend}"
         )
 
@@ -476,10 +348,10 @@ class W8A8Linear(nn.Module):
         else:
             q = quantize_per_tensor(x, rt.act_scale, multiplier=rt.multiplier)
         if rt.packed is not None:
-            u8 = q.view(torch.uint8).bitwise_xor_(_U8_ZERO_POINT)  # q + 128, in place
+            u8 = q.view(torch.uint8).bitwise_xor_(U8_ZERO_POINT)  # q + 128, in place
             if rt.act_scale is not None:  # everything fused: scales, bias, output dtype
-                return _onednn_qlinear(u8, rt.act_scale, rt.packed, rt.w_scale, rt.w_zero_point, rt.bias, out_dtype)
-            acc = _onednn_qlinear(u8, 1.0, rt.packed, rt.w_scale, rt.w_zero_point, None, torch.float32)
+                return onednn_qlinear(u8, rt.act_scale, rt.packed, rt.w_scale, rt.w_zero_point, rt.bias, out_dtype)
+            acc = onednn_qlinear(u8, 1.0, rt.packed, rt.w_scale, rt.w_zero_point, None, torch.float32)
             return self._row_scale(acc, a_scale, rt.bias, out_dtype)
         y = int8_matmul(q, self.weight if self.weight.device == x.device else self.weight.to(x.device))
         if rt.act_scale is not None:
@@ -522,23 +394,18 @@ class W8A8Linear(nn.Module):
         w_scale = self.weight_scale.reshape(-1).float()
         bias = None if self.bias is None else self.bias.float()
         if self.backend == "fake":
-            scale = None if self.act_scale is None else self.act_scale
-            if scale is None:
+            if self.act_scale is None:
                 xq = fake_quant_activation(x, "per_token", smooth_scale=smooth)
-            else:  # traceable copy of fake_quant_activation's static branch (act_scale stays a tensor)
-                m = 1.0 / (scale.double() * (1.0 if smooth is None else smooth.double()))
-                xq = (x.float() * m.float()).round().clamp(-127, 127) * scale
+            else:
+                xq = fake_quant_static(x, multiplier_of(self.act_scale, smooth), self.act_scale)
             w = self.weight.float() * self.weight_scale
             return F.linear(xq, w, bias).to(self._out_dtype(x))
         if self.act_scale is None:
             q, a_scale = quantize_per_token(x, smooth)
-            y = int8_matmul(q, self.weight)
-            out = y * a_scale * w_scale
+            out = int8_matmul(q, self.weight) * a_scale * w_scale
         else:
-            m = 1.0 / (self.act_scale.double() * (1.0 if smooth is None else smooth.double()))
-            q = (x.float() * m.float()).round().clamp(-127, 127).to(torch.int8)
-            y = int8_matmul(q, self.weight)
-            out = y * (w_scale * self.act_scale)
+            q = quantize_static(x, multiplier_of(self.act_scale, smooth))
+            out = int8_matmul(q, self.weight) * (w_scale * self.act_scale)
         if bias is not None:
             out = out + bias
         return out.to(self._out_dtype(x))

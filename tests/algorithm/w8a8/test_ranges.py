@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tico.experimental.quantization.algorithm.w8a8.ranges import (
-    fake_quant_per_tensor,
+    fake_quant_range,
     mse_range,
     output_mse_range,
     percentile_range,
     static_range,
 )
-from tico.experimental.quantization.w8a8.qscheme import fake_quant_weight
+from tico.experimental.quantization.nn.qscheme import fake_quant_weight
 
 
 def _data():
@@ -26,14 +26,14 @@ def test_mse_range_clips_and_beats_absmax():
     x, _, absmax = _data()
     r = mse_range(x, absmax)
     assert r < absmax
-    err = lambda c: float((fake_quant_per_tensor(x, c) - x).pow(2).sum())  # noqa: E731
+    err = lambda c: float((fake_quant_range(x, c) - x).pow(2).sum())  # noqa: E731
     assert err(r) <= err(absmax)
 
 
 def test_output_mse_range_minimises_output_error():
     x, w, absmax = _data()
     wq = fake_quant_weight(w, "per_channel")
-    out_err = lambda c: float((fake_quant_per_tensor(x, c) @ wq.T - x @ w.T).pow(2).sum())  # noqa: E731
+    out_err = lambda c: float((fake_quant_range(x, c) @ wq.T - x @ w.T).pow(2).sum())  # noqa: E731
     r = output_mse_range(x, absmax, w, wq)
     assert out_err(r) <= min(out_err(mse_range(x, absmax)), out_err(absmax)) + 1e-6
 

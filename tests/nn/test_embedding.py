@@ -10,7 +10,7 @@ from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import save_compressed
-from tico.experimental.quantization.w8a8.embedding import Int8Embedding, Int8TiedHead, quantize_rows
+from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead, quantize_rows
 from zoo import build_model, input_ids
 
 

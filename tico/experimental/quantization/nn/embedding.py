@@ -13,12 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: ``(int8 [rows, dim], fp32 scale [rows])``."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    return torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8), scale
+from tico.experimental.quantization.nn.qscheme import quantize_rows
 
 
 class Int8Embedding(nn.Module):
