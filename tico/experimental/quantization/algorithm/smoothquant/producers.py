@@ -113,13 +113,30 @@ def folded_weight(module: nn.Module, kind: str, scales: torch.Tensor) -> torch.T
     return KINDS_BY_NAME[kind].fold_weight(weight, s)
 
 
+class ProbeOutputNotFinite(ValueError):
+    """A producer's recorded probe output is NaN/inf, so no fold can be checked against it.
+
+    ``module`` is the offending module; the quantizer, which knows the model, names it in the error it raises.
+    """
+
+    def __init__(self, module: nn.Module, reference: torch.Tensor) -> None:
+        bad = int((~torch.isfinite(reference)).sum())
+        super().__init__(f"{bad} of {reference.numel()} values of its {type(module).__name__} output are NaN/inf")
+        self.module = module
+
+
 @torch.no_grad()
 def _folds_exactly(
     module: nn.Module, kind: str, sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]
 ) -> bool:
     """Re-run ``module`` on a recorded input with a random ``s`` folded in under ``kind``; True if its output
-    became exactly ``reference / s``. The parameters are restored bit for bit afterwards."""
+    became exactly ``reference / s``. The parameters are restored bit for bit afterwards.
+
+    Raises :class:`ProbeOutputNotFinite` if ``reference`` is not finite: a tolerance cannot be scaled by it,
+    and refusing the module quietly would hide that the probe forward itself went wrong."""
     args, kwargs, reference = sample
+    if not torch.isfinite(reference).all():
+        raise ProbeOutputNotFinite(module, reference)
     params = [p for p in (module.weight, getattr(module, "bias", None)) if isinstance(p, torch.Tensor)]
     saved = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)

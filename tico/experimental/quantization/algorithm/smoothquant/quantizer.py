@@ -1,16 +1,19 @@
-"""SmoothQuant behind the prepare/convert contract: trace -> plan -> observe, then validate -> apply.
+"""SmoothQuant behind the prepare/convert contract: trace -> plan -> observe, then plan scales -> validate -> apply.
 
 ``prepare`` runs one short probe forward to discover the smoothing groups from the model's own dataflow,
-decides which are exact to fold, and hooks one observer per group. ``convert`` computes every scale, checks
-the whole plan (statistics present and finite, shapes, no overflow in the parameters' dtypes) and only then
-changes weights, so an error leaves the model exactly as it was.
+decides which are exact to fold, and hooks one observer per group. ``convert`` is three public steps that
+another quantizer (W8A8) composes with its own: :meth:`SmoothQuantQuantizer.plan_scales` (every group's alpha
+and scales from the statistics), :meth:`SmoothQuantQuantizer.validate` (statistics present and finite, shapes,
+no overflow in the parameters' dtypes) and :meth:`SmoothQuantQuantizer.apply` (the folds, inside an undo
+journal), so an error leaves the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -20,9 +23,12 @@ from tico.experimental.quantization.algorithm.smoothquant.dataflow import trace_
 from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingGroup, SmoothingPlan, build_plan
 from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
 from tico.experimental.quantization.algorithm.smoothquant.producers import (
+    KINDS_BY_NAME,
+    LINEAR_KIND,
+    ProbeOutputNotFinite,
     find_producers,
-    fold_into_producer,
     folded_weight,
+    linear_output_axis,
 )
 from tico.experimental.quantization.algorithm.smoothquant.scales import (
     channel_absmax,
@@ -32,7 +38,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import (
     to_producer_channels,
 )
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError
+from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError, Transaction
 from tico.experimental.quantization.registry import register_quantizer
 
 logger = logging.getLogger(__name__)
@@ -90,24 +96,38 @@ def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
             m.training = training
 
 
+@dataclass
+class ScalePlan:
+    """What :meth:`SmoothQuantQuantizer.apply` will fold: per smoothed group (by producer) its alpha and fp32
+    scales, and every reason found so far that the plan cannot be applied."""
+
+    alphas: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+# An in-place change of one parameter tensor (computed in fp32, cast back to the tensor's dtype).
+ParamOp = Callable[[torch.Tensor], None]
+
+
 @register_quantizer(SmoothQuantConfig)
 class SmoothQuantQuantizer(BaseQuantizer):
-    """Discovers smoothing groups, observes their activations, and folds the smoothing scales."""
+    """Discovers smoothing groups, observes their activations, and folds the smoothing scales.
+
+    Standalone (``prepare(model, SmoothQuantConfig(...))``) the alphas come from the config. A quantizer that
+    scores alphas (W8A8 with ``alpha="auto"``) uses the public steps instead: :meth:`discover` and
+    :meth:`attach` in its prepare, then :meth:`scales_for` to score, ``plan_scales(model, alphas=...)``,
+    :meth:`validate` and :meth:`apply` in its convert.
+    """
 
     config: SmoothQuantConfig
+    error_class = SmoothQuantError
+    title = "SmoothQuant"
 
-    def __init__(self, config: SmoothQuantConfig, scored_by: str | None = None) -> None:
-        """``scored_by`` names the quantizer that picks alphas when ``config.alpha == "auto"`` (it must set
-        every smoothed group's ``alpha`` before :meth:`convert`); plain SmoothQuant has nothing to score with."""
+    def __init__(self, config: SmoothQuantConfig) -> None:
         super().__init__(config)
-        if config.alpha_is_auto and scored_by is None:
-            raise ValueError(
-                'SmoothQuantConfig(alpha="auto") needs a quantizer to score alphas against: use '
-                'W8A8Config(smoothing=SmoothQuantConfig(alpha="auto")), or give a number in [0, 1]'
-            )
         self.plan = SmoothingPlan([])
         self.observers: dict[str, ChannelAbsMaxObserver] = {}
-        self._handles: list[RemovableHandle] = []
 
     # -- prepare -------------------------------------------------------------------------------------------
     def prepare(
@@ -116,8 +136,12 @@ class SmoothQuantQuantizer(BaseQuantizer):
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
     ) -> nn.Module:
+        if self.config.alpha_is_auto:  # standalone convert has nothing to score alphas with
+            raise ValueError(
+                'SmoothQuantConfig(alpha="auto") needs a quantizer to score alphas against: use '
+                'W8A8Config(smoothing=SmoothQuantConfig(alpha="auto")), or give a number in [0, 1]'
+            )
         self.discover(model, args, kwargs)
-        self.observers = {g.producer: ChannelAbsMaxObserver(observed_width(g)) for g in self.plan.smoothed}
         self.attach(model)
         return model
 
@@ -127,13 +151,25 @@ class SmoothQuantQuantizer(BaseQuantizer):
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
     ) -> SmoothingPlan:
-        """Trace one probe forward and build the plan (no hooks are left, no weight changes)."""
+        """Trace one probe forward, build the plan and one (unhooked) observer per smoothed group.
+
+        No hooks are left and no weight changes; :meth:`attach` hooks the observers.
+        """
         probe_args, probe_kwargs = example_inputs(model, args, kwargs)
         producers = find_producers(model, linear=self.config.linear_producers)
         flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs))
-        plan = build_plan(model, flow, self.config)
+        try:
+            plan = build_plan(model, flow, self.config)
+        except ProbeOutputNotFinite as exc:
+            name = next((n for n, m in model.named_modules() if m is exc.module), type(exc.module).__name__)
+            raise SmoothQuantError(
+                f"{name}: its output on the probe input is NaN/inf, so whether 1/s folds into it exactly cannot be "
+                f"checked ({exc}); pass example inputs on which the model's outputs are finite "
+                "(prepare(model, config, args=..., kwargs=...)), or prepare the model in float32"
+            ) from exc
         self._check_alpha_map(model, plan)
         self.plan = plan
+        self.observers = {g.producer: ChannelAbsMaxObserver(observed_width(g)) for g in plan.smoothed}
         self._log_plan(model)
         return plan
 
@@ -170,72 +206,128 @@ class SmoothQuantQuantizer(BaseQuantizer):
         logger.info("%s", self.plan.summary())
 
     # -- hooks ---------------------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        self.detach(model)
-        for g in self.plan.smoothed:
-            self._handles.append(self.observers[g.producer].attach(model, g.observe))  # type: ignore[arg-type]
+    def install_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        return [self.observers[g.producer].attach(model, g.observe) for g in self.plan.smoothed]  # type: ignore[arg-type]
 
-    def detach(self, model: nn.Module) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def observed(self) -> list[tuple[str, ChannelAbsMaxObserver]]:
+        """``(where, observer)`` of every smoothed group, for :meth:`BaseQuantizer.statistics_errors`."""
+        return [
+            (f"{g.producer} (observed at {g.observe.where} of {g.observe.module})", self.observers[g.producer])  # type: ignore[union-attr]
+            for g in self.plan.smoothed
+        ]
 
     # -- convert -------------------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
-        groups = self.plan.smoothed
-        if not groups:
+        if not self.plan.smoothed:
             logger.warning("SmoothQuant: nothing to smooth in %s; the model is unchanged", type(model).__name__)
             return model
-        params = dict(model.named_parameters(remove_duplicate=False))
-        scales, errors = self._compute_scales(model, groups, params)
-        if errors:
-            raise SmoothQuantError(
-                f"SmoothQuant cannot convert {type(model).__name__}; nothing was changed:\n  - " + "\n  - ".join(errors)
-            )
-        for g in groups:  # validated above: from here on nothing can fail for a reason of the plan
-            fold_into_producer(model.get_submodule(g.producer), g.kind, scales[g.producer])  # type: ignore[arg-type]
-            for c in g.consumers:
-                scale_input_channels(params[c.name], c.axis, to_columns(scales[g.producer], c.channel_map))
-            g.scales = scales[g.producer].cpu()
-        self._log_done(groups)
+        plan = self.plan_scales(model)
+        self.fail(model, self.validate(model, plan))
+        with Transaction() as tx:
+            self.apply(model, plan, tx)
+        self._log_done()
         return model
 
-    def _compute_scales(
-        self, model: nn.Module, groups: list[SmoothingGroup], params: dict[str, nn.Parameter]
-    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Scales of every group, and every reason the plan cannot be applied (checked before any change)."""
-        errors: list[str] = []
-        unobserved = []
-        scales: dict[str, torch.Tensor] = {}
-        for g in groups:
-            obs = self.observers[g.producer]
-            where = f"{g.producer} (observed at {g.observe.where} of {g.observe.module})"  # type: ignore[union-attr]
-            if obs.bad_shape is not None:
-                errors.append(f"{where}: saw a tensor of shape {list(obs.bad_shape)}, expected {g.channels} channels last")
-                continue
-            if obs.absmax is None:
-                unobserved.append(g.producer)
-                continue
-            bad = (~torch.isfinite(obs.absmax)).nonzero().flatten().tolist()
-            if bad:
-                errors.append(f"{where}: activation statistics are NaN/inf in channels {bad[:8]}")
-                continue
-            scale_fn, w_cols = self.scale_function(g, params)
-            s = scale_fn(g.alpha)  # type: ignore[arg-type]
-            errors += self._overflow(model, g, s, w_cols, params)
-            scales[g.producer] = s
-        if unobserved:
-            if len(unobserved) == len(groups):
-                errors.insert(0, "no calibration forward was run after prepare(): run the model on calibration data first")
-            else:
-                errors.append(f"no activations were observed for {unobserved} (did the calibration data reach them?)")
-        return scales, errors
+    def scales_for(self, model: nn.Module, g: SmoothingGroup) -> Callable[[float], torch.Tensor]:
+        """``alpha -> scales`` of group ``g`` from its statistics and its consumers' weights (as the model is now).
 
-    def scale_function(self, g: SmoothingGroup, params: dict[str, nn.Parameter]):
-        """``alpha -> scales`` for group ``g`` from its statistics and consumer weights (and the column maxima).
-
-        Used by :meth:`convert` with the group's alpha, and by a scoring quantizer to search alphas.
+        Exactly the scales :meth:`plan_scales` computes for that alpha; a scoring quantizer searches with it.
+        Needs valid statistics (see :meth:`observed`).
         """
+        return self._scale_function(g, dict(model.named_parameters(remove_duplicate=False)))[0]
+
+    def plan_scales(self, model: nn.Module, alphas: Mapping[str, float] | None = None) -> ScalePlan:
+        """Every smoothed group's alpha and scales; nothing changes. Problems go to ``ScalePlan.errors``.
+
+        Args:
+            model: the prepared, calibrated model.
+            alphas: ``{producer: alpha}`` chosen by a scoring quantizer; they replace the config's alphas for
+                those groups. With ``alpha="auto"`` every smoothed group needs one.
+        """
+        plan = ScalePlan()
+        groups = self.plan.smoothed
+        plan.errors += self.statistics_errors(self.observed())
+        alphas = dict(alphas or {})
+        foreign = sorted(set(alphas) - {g.producer for g in groups})
+        if foreign:
+            plan.errors.append(f"alphas given for producers that are not smoothed groups: {foreign}")
+        for producer, a in alphas.items():
+            if not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0):
+                plan.errors.append(f"{producer}: alpha must be in [0, 1], got {a!r}")
+        if self.config.alpha_is_auto:
+            missing = [g.producer for g in groups if g.producer not in alphas]
+            if missing:
+                plan.errors.append(f'alpha="auto" but no alpha was chosen for {missing}')
+        if plan.errors:
+            return plan
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for g in groups:
+            alpha = float(alphas.get(g.producer, g.alpha))  # type: ignore[arg-type]
+            plan.alphas[g.producer] = alpha
+            plan.scales[g.producer] = self._scale_function(g, params)[0](alpha)
+        return plan
+
+    def validate(self, model: nn.Module, plan: ScalePlan) -> list[str]:
+        """Every reason ``plan`` cannot be applied: its own errors, and parameters that would overflow their dtype."""
+        errors = list(plan.errors)
+        if errors:
+            return errors
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for g in self.plan.smoothed:
+            w_cols = self._scale_function(g, params)[1]
+            errors += self._overflow(model, g, plan.scales[g.producer], plan.alphas[g.producer], w_cols, params)
+        return errors
+
+    def apply(
+        self, model: nn.Module, plan: ScalePlan, tx: Transaction, skip: Collection[str] = ()
+    ) -> None:
+        """Fold a validated ``plan`` into ``model`` (every change journaled in ``tx``) and record it in the groups.
+
+        Args:
+            skip: parameter names left unchanged because the caller replaces their modules with ones built
+                from :meth:`smoothed_parameter` (W8A8 builds int8 layers from the smoothed values directly).
+        """
+        params = dict(model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, ops in self._param_ops(model, plan).items():
+                if name in skip:
+                    continue
+                tx.save(params[name])
+                for op in ops:
+                    op(params[name])
+        for g in self.plan.smoothed:
+            tx.setattr(g, "alpha", plan.alphas[g.producer])
+            tx.setattr(g, "scales", plan.scales[g.producer].cpu())
+
+    @torch.no_grad()
+    def smoothed_parameter(self, model: nn.Module, plan: ScalePlan, name: str) -> torch.Tensor:
+        """The value parameter ``name`` will have after :meth:`apply`, bit for bit, without changing it."""
+        value = model.get_parameter(name).detach().clone()
+        for op in self._param_ops(model, plan).get(name, []):
+            op(value)
+        return value
+
+    def _param_ops(self, model: nn.Module, plan: ScalePlan) -> dict[str, list[ParamOp]]:
+        """Per parameter, the in-place ops of the fold, in the order apply runs them (groups in model order, each
+        producer before its consumers); a parameter both consumer and producer (``v_proj``) gets both."""
+        ops: dict[str, list[ParamOp]] = {}
+        for g in self.plan.smoothed:
+            s = plan.scales[g.producer]
+            module = model.get_submodule(g.producer)
+            if g.kind == LINEAR_KIND:
+                shape = [1, 1]
+                shape[linear_output_axis(module)] = -1  # type: ignore[index]
+                ops.setdefault(f"{g.producer}.weight", []).append(_divide_rows(s, shape))
+            else:
+                ops.setdefault(f"{g.producer}.weight", []).append(_fold_norm_weight(s, g.kind))  # type: ignore[arg-type]
+            if dict(module.named_parameters(recurse=False)).get("bias") is not None:
+                ops.setdefault(f"{g.producer}.bias", []).append(_divide_rows(s, [-1]))
+            for c in g.consumers:
+                ops.setdefault(c.name, []).append(_scale_columns(to_columns(s, c.channel_map), c.axis))
+        return ops
+
+    def _scale_function(self, g: SmoothingGroup, params: dict[str, nn.Parameter]):
+        """``(alpha -> scales, per-consumer column maxima)`` of group ``g``."""
         obs = self.observers[g.producer]
         act = to_producer_channels(obs.absmax, g.observe.channel_map, g.channels)  # type: ignore[union-attr,arg-type]
         w_cols = [channel_absmax(params[c.name], c.axis).to(act.device) for c in g.consumers]
@@ -254,21 +346,26 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     @staticmethod
     def _overflow(
-        model: nn.Module, g: SmoothingGroup, s: torch.Tensor, w_cols: list[torch.Tensor], params: dict[str, nn.Parameter]
+        model: nn.Module,
+        g: SmoothingGroup,
+        s: torch.Tensor,
+        alpha: float,
+        w_cols: list[torch.Tensor],
+        params: dict[str, nn.Parameter],
     ) -> list[str]:
         """Parameters that would leave their dtype's finite range after scaling."""
         errors = []
         for c, col in zip(g.consumers, w_cols):
             limit = torch.finfo(params[c.name].dtype).max
             if float((col * to_columns(s, c.channel_map)).max()) > limit:
-                errors.append(f"{c.name}: scaling by s would overflow {params[c.name].dtype} (alpha={g.alpha})")
+                errors.append(f"{c.name}: scaling by s would overflow {params[c.name].dtype} (alpha={alpha})")
         producer = model.get_submodule(g.producer)
         weight = producer.weight  # type: ignore[union-attr]
         if not torch.isfinite(folded_weight(producer, g.kind, s).to(weight.dtype)).all():  # type: ignore[arg-type]
-            errors.append(f"{g.producer}.weight: dividing by s would overflow {weight.dtype} (alpha={g.alpha})")
+            errors.append(f"{g.producer}.weight: dividing by s would overflow {weight.dtype} (alpha={alpha})")
         return errors
 
-    def _log_done(self, groups: list[SmoothingGroup]) -> None:
+    def _log_done(self) -> None:
         by_block: dict[str, list[str]] = {}
         for g in self.plan.groups:
             by_block.setdefault(g.block or "(outside blocks)", []).append(
@@ -276,4 +373,29 @@ class SmoothQuantQuantizer(BaseQuantizer):
             )
         for block, lines in by_block.items():
             logger.info("%s: %s", block, "; ".join(lines))
-        logger.info("SmoothQuant smoothed %d groups, skipped %d", len(groups), len(self.plan.skipped))
+        logger.info("SmoothQuant smoothed %d groups, skipped %d", len(self.plan.smoothed), len(self.plan.skipped))
+
+
+# The fold as per-tensor in-place ops: the same arithmetic as producers.fold_into_producer and
+# scales.scale_input_channels (fp32, then cast back), so previewed and applied values agree bit for bit.
+def _divide_rows(s: torch.Tensor, shape: list[int]) -> ParamOp:
+    def op(t: torch.Tensor) -> None:
+        t.copy_((t.float() / s.to(t.device).view(shape)).to(t.dtype))
+
+    return op
+
+
+def _fold_norm_weight(s: torch.Tensor, kind: str) -> ParamOp:
+    fold = KINDS_BY_NAME[kind].fold_weight
+
+    def op(t: torch.Tensor) -> None:
+        t.copy_(fold(t.float(), s.to(t.device)).to(t.dtype))
+
+    return op
+
+
+def _scale_columns(columns: torch.Tensor, axis: int) -> ParamOp:
+    def op(t: torch.Tensor) -> None:
+        scale_input_channels(t, axis, columns)
+
+    return op

@@ -5,6 +5,12 @@ query (after RoPE), key and value reach one attention function chosen by ``confi
 we register a wrapper around SDPA under :data:`ATTN_NAME` that, per attention module, observes abs-max
 during calibration and quantize-dequantizes with the fixed scales after convert. The state lives in a plain
 attribute of each attention module (not a buffer), so ``state_dict`` is unchanged.
+
+What stays on a converted model (it is the quantization, so it cannot be removed): each attention module's
+``_tico_attention_quant`` attribute (an :class:`AttentionQuantState` holding three scales) and the model's
+``config._attn_implementation == "tico_w8a8_sdpa"``. The wrapper is registered in transformers' process-wide
+``AttentionInterface`` under that name (registering is idempotent and changes no other model); a module
+without the state attribute runs plain SDPA through it. :func:`uninstall` undoes :func:`install`.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ class AttentionQuantState:
             return x
         return fake_quant_activation(x, "per_tensor", scale=self.scales[role]).to(x.dtype)
 
-    def freeze(self) -> None:
-        self.scales = {r: range_to_scale(self.absmax[r]) for r in ROLES}
+    def frozen_scales(self) -> dict[str, float]:
+        """The static scales convert will fix (``absmax / 127`` per role); needs every role observed."""
+        return {r: range_to_scale(self.absmax[r]) for r in ROLES}
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -47,10 +54,11 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-def install(model: nn.Module) -> list[str]:
+def install(model: nn.Module) -> tuple[list[str], str]:
     """Route every attention module of a Hugging Face model through the quantizing wrapper (observing).
 
-    Returns the names of the attention modules; raises ValueError if the model has no attention interface.
+    Returns the names of the attention modules and the attention implementation the model had (for
+    :func:`uninstall`); raises ValueError, with the model as it was, if attention cannot be reached.
     """
     from transformers import AttentionInterface
 
@@ -61,6 +69,7 @@ def install(model: nn.Module) -> list[str]:
             f"{type(model).__name__} has none"
         )
     AttentionInterface.register(ATTN_NAME, _attention)
+    previous = config._attn_implementation
     names = []
     for name, module in model.named_modules():
         if module is not model and _is_attention(module):
@@ -73,13 +82,26 @@ def install(model: nn.Module) -> list[str]:
     except Exception:  # noqa: BLE001 - reported below, with the model restored
         pass
     if config._attn_implementation != ATTN_NAME:
-        for name in names:
-            delattr(model.get_submodule(name), STATE_ATTR)
+        uninstall(model, names, previous)
         raise ValueError(
             f"W8A8Config(quantize_attention=True): {type(model).__name__} does not dispatch attention through "
             "transformers' AttentionInterface, so its query/key/value cannot be reached; leave quantize_attention off"
         )
-    return names
+    return names, previous
+
+
+def uninstall(model: nn.Module, names: list[str], previous: str) -> None:
+    """Undo :func:`install`: remove the per-module state and restore the attention implementation ``previous``."""
+    for name in names:
+        module = model.get_submodule(name)
+        if STATE_ATTR in module.__dict__:
+            delattr(module, STATE_ATTR)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) != previous:
+        try:
+            model.set_attn_implementation(previous)
+        except Exception:  # noqa: BLE001 - fall back to the config field the dispatch reads
+            config._attn_implementation = previous
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -91,14 +113,17 @@ def _is_attention(module: nn.Module) -> bool:
     return named(module) and not any(named(m) for m in module.modules() if m is not module)
 
 
-def freeze(model: nn.Module, names: list[str]) -> list[str]:
-    """Fix every observed attention module's scales; returns the modules that were never observed."""
+def plan_scales(model: nn.Module, names: list[str]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The static scales each attention module will fix, and the modules that never saw query, key and value.
+
+    Nothing changes: convert applies the scales (``state.scales``) only after the whole plan is validated.
+    """
+    scales: dict[str, dict[str, float]] = {}
     unseen = []
     for name in names:
-        state = getattr(model.get_submodule(name), STATE_ATTR)
-        if set(state.absmax) != set(ROLES):
+        state = getattr(model.get_submodule(name), STATE_ATTR, None)
+        if state is None or set(state.absmax) != set(ROLES):
             unseen.append(name)
-    if not unseen:
-        for name in names:
-            getattr(model.get_submodule(name), STATE_ATTR).freeze()
-    return unseen
+        else:
+            scales[name] = state.frozen_scales()
+    return scales, unseen

@@ -1,9 +1,15 @@
 """W8A8 behind the prepare/convert contract, with SmoothQuant composed into the same calibration pass.
 
-prepare: discover smoothing groups (if smoothing is configured), then hook one sampled observer per distinct
-Linear input: one per smoothing group (all its consumers read the same tensor) and one per other Linear.
-convert: choose alphas (fixed or searched), check every statistic, fold the smoothing, then swap every
-Linear-like layer for a :class:`W8A8Linear` whose static range is derived from the same statistics.
+prepare: check that every requested feature fits the model (ignore/rotate names, an ``nn.Embedding`` for
+``quantize_embeddings``, an attention interface for ``quantize_attention``), discover smoothing groups (if
+smoothing is configured; SmoothQuant's own observers, one per group) and hook one sampled observer per
+quantized Linear input.
+convert: **plan** everything from the statistics (alphas, smoothing scales through SmoothQuant's public
+``plan_scales``, per layer its divisor, in-quantizer smoothing, rotation, static range and the finished int8
+module built from the smoothed weight; the int8 embedding; the attention scales), **validate** the whole plan
+(one error naming every offending module), then **apply** it in four journaled steps (fold the smoothing,
+swap the layers, swap the embedding, fix the attention scales). Any error, before or during apply, leaves
+the model exactly as it was, still prepared.
 """
 
 from __future__ import annotations
@@ -17,9 +23,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
 from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantQuantizer, observed_width
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
 from tico.experimental.quantization.algorithm.w8a8 import attention
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
@@ -27,7 +32,7 @@ from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
 from tico.experimental.quantization.config.w8a8 import W8A8Config
-from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError
+from tico.experimental.quantization.quantizer import BaseQuantizer, Transaction
 from tico.experimental.quantization.registry import register_quantizer
 from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.nn.linear import W8A8Linear
@@ -48,6 +53,18 @@ def as_linear(module: nn.Module) -> nn.Linear:
         linear.weight.copy_(weight)
         if module.bias is not None:
             linear.bias.copy_(module.bias)
+    return linear
+
+
+def _linear_from(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight``/``bias`` (``module``'s layout) without copying an ``nn.Linear``'s
+    tensors; GPT-2 ``Conv1D`` weights are transposed into a contiguous ``[out, in]`` copy, as :func:`as_linear`."""
+    if not isinstance(module, nn.Linear):
+        weight = weight.t().contiguous()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
     return linear
 
 
@@ -72,22 +89,39 @@ class W8A8Report:
         return "\n".join(lines)
 
 
+@dataclass
+class ConversionPlan:
+    """Everything convert will change, computed and validated before anything changes.
+
+    ``layers``: layer name -> its finished replacement (a :class:`W8A8Linear`, or a :class:`RotatedInputLinear`),
+    built from the weight as smoothing will leave it. ``embedding``: ``(parent, child name, new module)`` swaps.
+    ``attention``: attention module -> the static query/key/value scales. ``report``: what convert will report.
+    """
+
+    smoothing: ScalePlan | None
+    layers: dict[str, nn.Module]
+    embedding: list[tuple[nn.Module, str, nn.Module]]
+    attention: dict[str, dict[str, float]]
+    report: W8A8Report
+
+
 @register_quantizer(W8A8Config)
 class W8A8Quantizer(BaseQuantizer):
     """Quantizes every Linear-like layer to int8 weights and int8 activations, smoothing first if configured."""
 
     config: W8A8Config
+    title = "W8A8"
 
     def __init__(self, config: W8A8Config) -> None:
         super().__init__(config)
-        self.sq = SmoothQuantQuantizer(config.smoothing, scored_by="w8a8") if config.smoothing is not None else None
+        self.sq = SmoothQuantQuantizer(config.smoothing) if config.smoothing is not None else None
         self.targets: list[str] = []
         self.folded_by: dict[str, tuple[SmoothingGroup, tuple[int, ...] | None]] = {}  # layer -> (group, col map)
-        self.observers: dict[str, ChannelAbsMaxObserver] = {}
+        self.observers: dict[str, SampledChannelObserver] = {}  # quantized layer -> its input's statistics
         self.points: dict[str, ObservationPoint] = {}
         self.report = W8A8Report()
         self.attention_modules: list[str] = []
-        self._handles: list[RemovableHandle] = []
+        self._attention_before: str | None = None  # the attention implementation prepare replaced
 
     @property
     def plan(self):
@@ -96,29 +130,36 @@ class W8A8Quantizer(BaseQuantizer):
 
     # -- prepare -------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None) -> nn.Module:
-        self.targets, self.report.kept_float = self._select_targets(model)
+        cfg = self.config
+        self.targets, kept = self._select_targets(model)
         if not self.targets:
             logger.warning("W8A8 found no Linear layer to quantize in %s", type(model).__name__)
-        rows = self.config.calibration_rows if self.config.needs_samples else 0
+        unmatched = [r for r in cfg.rotate if not any(self._rotated(t, (r,)) for t in self.targets)]
+        if unmatched:
+            raise ValueError(f"W8A8Config.rotate names that match no quantized layer: {unmatched}")
+        if cfg.quantize_embeddings:
+            self._input_embedding(model)  # raises now rather than at convert
         if self.sq is not None:
             for g in self.sq.discover(model, args, kwargs).smoothed:
-                self.sq.observers[g.producer] = ChannelAbsMaxObserver(observed_width(g))
-                key = f"group:{g.producer}"
-                self.observers[key] = self.sq.observers[g.producer]  # type: ignore[assignment]
-                self.points[key] = g.observe  # type: ignore[assignment]
                 for c in g.consumers:
                     self.folded_by[c.module] = (g, c.channel_map)
+        rows = cfg.calibration_rows if cfg.needs_samples else 0
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
             self.observers[name] = SampledChannelObserver(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
-        if self.config.quantize_attention:
-            self.attention_modules = attention.install(model)
-        unmatched = [r for r in self.config.rotate if not any(self._rotated(t, (r,)) for t in self.targets)]
-        if unmatched:
-            self.detach(model)
-            raise ValueError(f"W8A8Config.rotate names that match no quantized layer: {unmatched}")
-        self.attach(model)
+        if cfg.quantize_attention:
+            self.attention_modules, self._attention_before = attention.install(model)
+        try:
+            self.attach(model)
+        except BaseException:
+            self._uninstall_attention(model)
+            raise
+        self.report = W8A8Report(kept_float=kept)
         return model
+
+    def _uninstall_attention(self, model: nn.Module) -> None:
+        if self.attention_modules:
+            attention.uninstall(model, self.attention_modules, self._attention_before)  # type: ignore[arg-type]
 
     @staticmethod
     def _rotated(name: str, patterns: tuple[str, ...]) -> bool:
@@ -145,98 +186,177 @@ class W8A8Quantizer(BaseQuantizer):
             raise ValueError(f"W8A8Config.ignore names that are not modules of {type(model).__name__}: {unknown}")
         return targets, kept
 
-    # -- hooks ---------------------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        self.detach(model)
-        for key, obs in self.observers.items():
-            self._handles.append(obs.attach(model, self.points[key]))
-
-    def detach(self, model: nn.Module) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    # -- convert -------------------------------------------------------------------------------------------
-    def convert(self, model: nn.Module) -> nn.Module:
-        cfg = self.config
-        self._check_statistics()
-        unseen = attention.freeze(model, self.attention_modules)
-        if unseen:
-            raise QuantizationError(f"W8A8 cannot convert; nothing was changed: attention inputs never observed in {unseen}")
-        quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
-        if self.sq is not None:
-            if self.sq.config.alpha_is_auto:
-                self._search_group_alphas(model, quant)
-            self.sq.convert(model)  # validates every group before folding anything
-            self.report.alphas.update({g.producer: g.alpha for g in self.sq.plan.smoothed})  # type: ignore[misc]
-        replacements: dict[str, nn.Module] = {}
-        for name in self.targets:
-            obs = self.observers[name]
-            module = model.get_submodule(name)
-            act_absmax, sample = obs.absmax, obs.rows_sample  # of the unsmoothed input
-            smooth = None
-            divisor = None
-            if name in self.folded_by:  # its producer now emits x / s
-                group, col_map = self.folded_by[name]
-                divisor = to_columns(group.scales, col_map)  # type: ignore[arg-type]
-            elif cfg.smooth_in_quantizer and self.sq is not None:
-                smooth = divisor = self._in_quantizer_scales(name, module, obs, quant)
-            if divisor is not None:
-                divisor = divisor.to(act_absmax.device)
-                act_absmax = act_absmax / divisor
-                sample = None if sample is None else sample.float() / divisor.to(sample.device)
-            if self._rotated(name, cfg.rotate):
-                replacements[name] = self._rotated_layer(name, module, sample, smooth if smooth is not None else None, quant)
-                continue
-            act_scale = None
-            if cfg.activations == "static":
-                weight = weight_q = None
-                if cfg.act_range == "output_mse":
-                    weight = _weight_rows(module) * (1.0 if smooth is None else smooth.to(module.weight.device))
-                    weight_q = quant.quantize_weight(weight)
-                r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
-                self.report.act_ranges[name] = r
-                act_scale = range_to_scale(r)
-            replacements[name] = W8A8Linear.from_linear(
-                as_linear(module),
-                weight_granularity=cfg.weights,
-                act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
-                act_scale=act_scale,
-                smooth_scale=smooth,
-                backend=cfg.backend,
-            )
-        for name, new in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, new)
-        self.report.quantized = list(replacements)
-        if cfg.quantize_embeddings:
-            self._quantize_embeddings(model)
-        logger.info("%s", self.report.summary())
-        return model
-
-    def _quantize_embeddings(self, model: nn.Module) -> None:
-        """int8 rows for the input embedding; a head tied to it reads the same int8 rows."""
+    @staticmethod
+    def _input_embedding(model: nn.Module) -> nn.Embedding:
         get_in = getattr(model, "get_input_embeddings", None)
         embedding = get_in() if callable(get_in) else None
         if not isinstance(embedding, nn.Embedding):
-            raise ValueError(f"W8A8Config.quantize_embeddings: {type(model).__name__} has no nn.Embedding input embedding")
+            raise ValueError(
+                f"W8A8Config.quantize_embeddings: {type(model).__name__}'s input embedding is "
+                f"{type(embedding).__name__}, not an nn.Embedding; leave quantize_embeddings off"
+            )
+        return embedding
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def install_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        return [obs.attach(model, self.points[name]) for name, obs in self.observers.items()]
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        if self.sq is not None:
+            try:
+                self.sq.attach(model)
+            except BaseException:
+                super().detach(model)
+                raise
+
+    def detach(self, model: nn.Module) -> None:
+        super().detach(model)
+        if self.sq is not None:
+            self.sq.detach(model)
+
+    # -- convert -------------------------------------------------------------------------------------------
+    def convert(self, model: nn.Module) -> nn.Module:
+        """Plan, validate, then apply; an error at any point leaves ``model`` exactly as it was (still prepared).
+
+        After convert, besides the swapped modules: with ``quantize_attention`` each attention module keeps its
+        :class:`~tico.experimental.quantization.algorithm.w8a8.attention.AttentionQuantState` (fixed scales) and
+        the model's attention implementation stays ``"tico_w8a8_sdpa"`` (see that module's docstring).
+        """
+        plan = self.plan_conversion(model)
+        with Transaction() as tx:
+            self._apply_smoothing(model, plan, tx)
+            self._apply_layers(model, plan, tx)
+            self._apply_embeddings(model, plan, tx)
+            self._apply_attention(model, plan, tx)
+        self.report = plan.report
+        logger.info("%s", self.report.summary())
+        return model
+
+    def plan_conversion(self, model: nn.Module) -> ConversionPlan:
+        """Every change convert will make, validated; raises one :class:`QuantizationError` listing every problem."""
+        cfg = self.config
+        observed = [(name, obs) for name, obs in self.observers.items()]
+        if self.sq is not None:
+            observed = self.sq.observed() + observed
+        errors = self.statistics_errors(observed)
+        attention_scales, unseen = attention.plan_scales(model, self.attention_modules)
+        if unseen:
+            errors.append(f"attention inputs never observed in {unseen}")
+        if cfg.quantize_embeddings:
+            try:
+                self._input_embedding(model)
+            except ValueError as exc:
+                errors.append(str(exc))
+        self.fail(model, errors)  # the searches and ranges below need valid statistics
+        quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
+        report = W8A8Report(kept_float=dict(self.report.kept_float))
+        smoothing = None
+        if self.sq is not None:
+            alphas = self._search_group_alphas(model, quant) if self.sq.config.alpha_is_auto else None
+            smoothing = self.sq.plan_scales(model, alphas=alphas)
+            self.fail(model, self.sq.validate(model, smoothing))
+            report.alphas.update(smoothing.alphas)
+        layers = {name: self._plan_layer(model, name, smoothing, quant, report) for name in self.targets}
+        report.quantized = list(layers)
+        embedding = self._plan_embeddings(model, layers, report) if cfg.quantize_embeddings else []
+        return ConversionPlan(smoothing, layers, embedding, attention_scales, report)
+
+    def _plan_layer(
+        self, model: nn.Module, name: str, smoothing: ScalePlan | None, quant: DeployedQuant, report: W8A8Report
+    ) -> nn.Module:
+        """The finished replacement of layer ``name``: divisor, in-quantizer smoothing, rotation, static range."""
+        cfg = self.config
+        obs = self.observers[name]
+        module = model.get_submodule(name)
+        linear = self._smoothed_linear(model, name, module, smoothing)
+        act_absmax, sample = obs.absmax, obs.rows_sample  # of the unsmoothed input
+        smooth = None
+        divisor = None
+        if name in self.folded_by:  # its producer will emit x / s
+            group, col_map = self.folded_by[name]
+            divisor = to_columns(smoothing.scales[group.producer].cpu(), col_map)  # type: ignore[union-attr]
+        elif cfg.smooth_in_quantizer and self.sq is not None:
+            smooth = divisor = self._in_quantizer_scales(name, linear, obs, quant, report)
+        if divisor is not None:
+            divisor = divisor.to(act_absmax.device)
+            act_absmax = act_absmax / divisor
+            sample = None if sample is None else sample.float() / divisor.to(sample.device)
+        if self._rotated(name, cfg.rotate):
+            return self._rotated_layer(name, linear, sample, smooth, quant, report)
+        act_scale = None
+        if cfg.activations == "static":
+            weight = weight_q = None
+            if cfg.act_range == "output_mse":
+                weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
+                weight_q = quant.quantize_weight(weight)
+            r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
+            report.act_ranges[name] = r
+            act_scale = range_to_scale(r)
+        return W8A8Linear.from_linear(
+            linear,
+            weight_granularity=cfg.weights,
+            act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
+            act_scale=act_scale,
+            smooth_scale=smooth,
+            backend=cfg.backend,
+        )
+
+    def _smoothed_linear(self, model: nn.Module, name: str, module: nn.Module, smoothing: ScalePlan | None) -> nn.Linear:
+        """``module`` as an ``nn.Linear`` with the weight and bias smoothing will leave it with (module unchanged)."""
+        if smoothing is None or self.sq is None:
+            return as_linear(module)
+        weight = self.sq.smoothed_parameter(model, smoothing, f"{name}.weight")
+        bias = None if module.bias is None else self.sq.smoothed_parameter(model, smoothing, f"{name}.bias")
+        return _linear_from(module, weight, bias)
+
+    def _plan_embeddings(
+        self, model: nn.Module, layers: dict[str, nn.Module], report: W8A8Report
+    ) -> list[tuple[nn.Module, str, nn.Module]]:
+        """int8 rows for the input embedding; a head tied to it (and not quantized as a layer) reads the same rows."""
+        embedding = self._input_embedding(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
         q = Int8Embedding(embedding)
+        swaps: list[tuple[nn.Module, str, nn.Module]] = []
         for name, module in model.named_modules():
             for child_name, child in module.named_children():
+                full = f"{name}.{child_name}".lstrip(".")
                 if child is embedding:
-                    setattr(module, child_name, q)
-                elif tied and child is head:
-                    setattr(module, child_name, Int8TiedHead(q, head.bias))
-                    self.report.kept_float.pop(f"{name}.{child_name}".lstrip("."), None)
-        self.report.quantized.append("input embedding (int8 rows, weight-only)" + (" + tied LM head" if tied else ""))
+                    swaps.append((module, child_name, q))
+                elif tied and child is head and full not in layers:
+                    swaps.append((module, child_name, Int8TiedHead(q, head.bias)))  # type: ignore[union-attr]
+                    report.kept_float.pop(full, None)
+        tied = tied and any(isinstance(new, Int8TiedHead) for _, _, new in swaps)
+        report.quantized.append("input embedding (int8 rows, weight-only)" + (" + tied LM head" if tied else ""))
+        return swaps
 
-    def _rotated_layer(self, name, module, sample, smooth, quant) -> nn.Module:
+    # -- apply: four journaled steps (each may be interrupted; the transaction undoes what ran) ---------------
+    def _apply_smoothing(self, model: nn.Module, plan: ConversionPlan, tx: Transaction) -> None:
+        """Fold the smoothing; the weights of layers about to be replaced are left as they are (their
+        replacements were built from the smoothed values)."""
+        if self.sq is None or plan.smoothing is None:
+            return
+        replaced = {f"{name}.{p}" for name in plan.layers for p in ("weight", "bias")}
+        self.sq.apply(model, plan.smoothing, tx, skip=replaced)
+
+    def _apply_layers(self, model: nn.Module, plan: ConversionPlan, tx: Transaction) -> None:
+        for name, new in plan.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            tx.setattr(model.get_submodule(parent_name), child, new)
+
+    def _apply_embeddings(self, model: nn.Module, plan: ConversionPlan, tx: Transaction) -> None:
+        for parent, child, new in plan.embedding:
+            tx.setattr(parent, child, new)
+
+    def _apply_attention(self, model: nn.Module, plan: ConversionPlan, tx: Transaction) -> None:
+        for name, scales in plan.attention.items():
+            tx.setattr(getattr(model.get_submodule(name), attention.STATE_ATTR), "scales", scales)
+
+    def _rotated_layer(self, name, linear, sample, smooth, quant, report) -> nn.Module:
         """A layer whose (smoothed) input is rotated inside the quantizer; static ranges come from the sample
         (the full-data abs-max of a rotated input is not known from per-channel statistics)."""
         cfg = self.config
-        linear = as_linear(module)
         blocks = random_rotation(linear.in_features, name).to(linear.weight.device)
         weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
         rotated = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -251,7 +371,7 @@ class W8A8Quantizer(BaseQuantizer):
             wq = quant.quantize_weight(rotated.weight.float()) if cfg.act_range == "output_mse" else None
             method = "mse" if cfg.act_range == "absmax" else cfg.act_range
             r = static_range(method, x, float(x.abs().max()), cfg.percentile, rotated.weight.float(), wq)
-            self.report.act_ranges[name] = r
+            report.act_ranges[name] = r
             act_scale = range_to_scale(r)
         inner = W8A8Linear.from_linear(
             rotated, weight_granularity=cfg.weights,
@@ -260,10 +380,11 @@ class W8A8Quantizer(BaseQuantizer):
         )
         return RotatedInputLinear(inner, blocks, smooth)
 
-    def _search_group_alphas(self, model: nn.Module, quant: DeployedQuant) -> None:
-        """alpha="auto": per group, score every alpha of the grid on the consumers that will be quantized."""
+    def _search_group_alphas(self, model: nn.Module, quant: DeployedQuant) -> dict[str, float]:
+        """alpha="auto": per group, the alpha of the grid whose deployed quantization of the consumers that will be
+        quantized reproduces their outputs best (a group with none of them keeps its default alpha)."""
         assert self.sq is not None
-        params = dict(model.named_parameters(remove_duplicate=False))
+        alphas = {}
         for g in self.sq.plan.smoothed:
             terms = []
             for c in g.consumers:
@@ -271,14 +392,17 @@ class W8A8Quantizer(BaseQuantizer):
                 if obs is None or obs.rows_sample is None or not isinstance(model.get_submodule(c.module), LINEAR_TYPES):
                     continue  # kept in float (or fused experts): its quantization error is zero
                 terms.append(Term(obs.rows_sample, obs.absmax, _weight_rows(model.get_submodule(c.module)), c.channel_map))
-            if terms:
-                scales_for, _ = self.sq.scale_function(g, params)
-                g.alpha, _ = search_alpha(terms, scales_for, self.config.alpha_grid, quant)
+            alphas[g.producer] = (
+                search_alpha(terms, self.sq.scales_for(model, g), self.config.alpha_grid, quant)[0] if terms else g.alpha
+            )
+        return alphas  # type: ignore[return-value]
 
-    def _in_quantizer_scales(self, name: str, module: nn.Module, obs: SampledChannelObserver, quant: DeployedQuant) -> torch.Tensor:
+    def _in_quantizer_scales(
+        self, name: str, linear: nn.Linear, obs: SampledChannelObserver, quant: DeployedQuant, report: W8A8Report
+    ) -> torch.Tensor:
         """Smoothing scales applied inside the activation quantizer of a layer whose input no producer absorbs."""
         assert self.sq is not None
-        weight = _weight_rows(module)
+        weight = linear.weight.detach().float()
         alpha = self.sq.config.alpha_for([name])
         w_absmax = channel_absmax(weight, 1).to(obs.absmax.device)
 
@@ -287,24 +411,5 @@ class W8A8Quantizer(BaseQuantizer):
 
         if self.sq.config.alpha_is_auto and obs.rows_sample is not None:
             alpha, _ = search_alpha([Term(obs.rows_sample, obs.absmax, weight)], scales_for, self.config.alpha_grid, quant)
-        self.report.alphas[name] = alpha
+        report.alphas[name] = alpha
         return scales_for(alpha)
-
-    def _check_statistics(self) -> None:
-        """Every observer saw data of the right shape, all finite; else one error listing the layers."""
-        errors, unseen = [], []
-        for key, obs in self.observers.items():
-            where = self.points[key].module
-            if obs.bad_shape is not None:
-                errors.append(f"{where}: saw a tensor of shape {list(obs.bad_shape)}, expected {obs.channels} channels last")
-            elif obs.absmax is None:
-                unseen.append(where)
-            elif not torch.isfinite(obs.absmax).all():
-                errors.append(f"{where}: activation statistics contain NaN/inf")
-        if unseen:
-            if len(unseen) == len(self.observers):
-                errors.insert(0, "no calibration forward was run after prepare(): run the model on calibration data first")
-            else:
-                errors.append(f"no activations were observed at {unseen}")
-        if errors:
-            raise QuantizationError("W8A8 cannot convert; nothing was changed:\n  - " + "\n  - ".join(errors))
