@@ -68,8 +68,16 @@ def prepare(
 def convert(model: torch.nn.Module, inplace: bool = True) -> torch.nn.Module:
     """Apply the prepared algorithm using the statistics gathered since :func:`prepare`.
 
-    The returned model has the same class, no hooks and no extra attributes. If the statistics or the plan are
-    invalid, one error names every offending module and the model is left exactly as it was (still prepared).
+    The returned model has the same class and no hooks, and the quantizer kept by :func:`prepare` is removed.
+    SmoothQuant leaves no other trace than the changed weights. W8A8 swaps modules (``W8A8Linear``, and with
+    ``rotate``/``quantize_embeddings`` ``RotatedInputLinear``/``Int8Embedding``); with ``quantize_attention`` each
+    attention module also keeps a ``_tico_attention_quant`` attribute (its fixed int8 scales, not in
+    ``state_dict``) and ``config._attn_implementation`` stays ``"tico_w8a8_sdpa"``, as :func:`prepare` set it.
+
+    The algorithm plans every change, validates the whole plan, then applies it as one transaction: if the
+    statistics or the plan are invalid, one error names every offending module, and if anything fails while
+    applying, every change already made is undone. Either way the model is left exactly as it was, still
+    prepared, so ``convert`` can be called again once the cause is fixed.
 
     Args:
         model: a model returned by :func:`prepare`, after calibration forwards.

@@ -44,18 +44,25 @@ class W8A8Config(BaseConfig):
             ``down_proj``, post-LN models, MoE expert outputs), apply the smoothing scale inside the activation
             quantizer instead (``x/s`` fused into the int8 quantization step, ``W*s`` into the int8 weights).
         quantize_attention: also quantize the query/key/value inputs of the attention matmuls, int8 static
-            per tensor (simulated), as the paper's W8A8 settings do; Hugging Face models only.
+            per tensor (simulated), as the paper's W8A8 settings do; Hugging Face models whose attention goes
+            through transformers' ``AttentionInterface`` only (checked by ``prepare``, which switches the model's
+            attention implementation to ``"tico_w8a8_sdpa"``; the converted model keeps it and a
+            ``_tico_attention_quant`` attribute per attention module with the fixed scales).
         rotate: names (or name suffixes such as ``"down_proj"``, or ``"all"``) of layers whose input is multiplied by a random
             block-orthogonal matrix inside the activation quantizer (``W`` gets the same rotation: exact in float).
             Spreads outliers that smoothing cannot move; costs a small matmul per token. Not exportable.
-        quantize_embeddings: store the input embedding as int8 rows (weight-only), and a tied LM head as the
-            same int8 rows with float activations: about a quarter of the embedding's memory. Not exportable.
+        quantize_embeddings: store the input embedding as int8 rows (weight-only), and a tied LM head (unless
+            quantized as a layer with ``quantize_lm_head``) as the same int8 rows with float activations: about a
+            quarter of the embedding's memory. Needs an ``nn.Embedding`` input embedding (checked by ``prepare``).
+            Not exportable.
         ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
             kept in float unless ``quantize_lm_head`` is set.
         quantize_lm_head: quantize the output embedding too.
         backend: ``"int8"`` (real int8 matmuls via ``torch._int_mm``) or ``"fake"`` (float simulation with
             identical rounding and clamping, for accuracy studies on any device).
-        alpha_grid: candidate alphas for ``smoothing.alpha="auto"``.
+        alpha_grid: candidate alphas for ``smoothing.alpha="auto"`` (each group, and each layer smoothed inside its
+            quantizer, gets the alpha of the grid with the smallest deployed-quantization output error on the
+            calibration sample).
         calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
             than ``"absmax"`` and for ``alpha="auto"``.
     """

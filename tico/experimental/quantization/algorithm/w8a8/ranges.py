@@ -1,4 +1,4 @@
-"""Static per-tensor activation ranges: abs-max, MSE-optimal clipping, or a percentile.
+"""Static per-tensor activation ranges: abs-max, MSE-optimal clipping (``mse``, ``output_mse``), or a percentile.
 
 Abs-max over a calibration set is hostage to a few extreme tokens; clipping them costs a little error on those
 tokens and buys resolution for all the others. ``mse`` picks the clip that minimises the quantization error of
@@ -80,4 +80,4 @@ def static_range(
         return mse_range(sample, absmax)
     if method == "percentile":
         return percentile_range(sample, absmax, percentile)
-    raise ValueError(f"unknown activation range method {method!r}; expected 'absmax', 'mse' or 'percentile'")
+    raise ValueError(f"unknown activation range method {method!r}; expected 'absmax', 'mse', 'output_mse' or 'percentile'")
