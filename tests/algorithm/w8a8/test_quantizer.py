@@ -96,23 +96,60 @@ def test_half_precision_models(dtype, activations):
     assert float((out.float() - ref).abs().max() / ref.abs().max()) < 0.1
 
 
-def test_auto_alpha_never_scores_worse_than_the_default(monkeypatch):
-    from tico.experimental.quantization.algorithm.w8a8 import quantizer as w8a8_quantizer
+@pytest.fixture(scope="module")
+def stories_split(stories_dir, tinystories_text):
+    """The benchmark's split of real text: calibrate on 32 windows of 256 tokens, evaluate on the next 16."""
+    from tico.experimental.quantization.evaluation.data import read_text, token_windows
 
-    seen = []
-    original = w8a8_quantizer.search_alpha
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    windows = token_windows(tokenizer, read_text(tinystories_text), 256, num_windows=48)
+    return windows[:32], windows[32:48]
 
-    def spy(*args, **kwargs):
-        best, errors = original(*args, **kwargs)
-        seen.append((best, errors))
-        return best, errors
 
-    monkeypatch.setattr(w8a8_quantizer, "search_alpha", spy)
-    ids = input_ids("llama", batch=4, seq=16)
-    _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(alpha="auto"), activations="static"), ids)
-    assert seen
-    for best, errors in seen:
-        assert errors[best] <= errors[0.5]
+def _held_out_kl(stories_dir, calib, evaluation, config) -> float:
+    model = prepare(AutoModelForCausalLM.from_pretrained(stories_dir).eval(), config)
+    with torch.no_grad():
+        for batch in calib.split(8):
+            model(batch)
+    q = convert(model)
+    return logit_fidelity(q, AutoModelForCausalLM.from_pretrained(stories_dir).eval(), evaluation).kl
+
+
+@pytest.mark.parametrize("linear_producers, extra", [
+    (False, dict(activations="static", act_range="absmax")),  # the paper's setting: norm -> Linear, abs-max
+    (True, dict(activations="dynamic", smooth_in_quantizer=True)),  # the benchmark's "ours", dynamic
+])
+def test_auto_alpha_beats_the_default_on_held_out_text(stories_dir, stories_split, linear_producers, extra):
+    """alpha="auto" is scored on the calibration sample; what matters is the logits on text it never saw.
+
+    Measured (stories260K, these windows): static/abs-max KL 0.01166 (auto) vs 0.01222 (0.5); dynamic with
+    linear producers 0.00107 vs 0.00110. No tolerance: both margins are far above run-to-run noise (zero here,
+    everything is seeded and deterministic on CPU).
+    """
+    torch.set_num_threads(1)
+    calib, evaluation = stories_split
+    kls = {
+        alpha: _held_out_kl(stories_dir, calib, evaluation,
+                            W8A8Config(smoothing=SmoothQuantConfig(alpha=alpha, linear_producers=linear_producers), **extra))
+        for alpha in ("auto", 0.5)
+    }
+    assert kls["auto"] <= kls[0.5], kls
+
+
+@pytest.mark.xfail(strict=True, reason="known: with little calibration data (16 x 128 tokens) the per-layer search "
+                   "overfits; held-out KL 0.0069 (auto) vs 0.0049 (alpha=0.5), static abs-max with linear producers")
+def test_auto_alpha_on_little_calibration_data(stories_dir, tinystories_text):
+    from tico.experimental.quantization.evaluation.data import read_text, token_windows
+
+    torch.set_num_threads(1)
+    windows = token_windows(AutoTokenizer.from_pretrained(stories_dir), read_text(tinystories_text), 128, num_windows=32)
+    calib, evaluation = windows[:16], windows[16:]
+    kls = {
+        alpha: _held_out_kl(stories_dir, calib, evaluation, W8A8Config(
+            smoothing=SmoothQuantConfig(alpha=alpha, linear_producers=True), activations="static", act_range="absmax"))
+        for alpha in ("auto", 0.5)
+    }
+    assert kls["auto"] <= kls[0.5], kls
 
 
 def test_real_model_smoothquant_w8a8_beats_naive(stories_dir, tinystories_text):
