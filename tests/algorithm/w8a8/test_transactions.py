@@ -161,6 +161,13 @@ def test_quantize_embeddings_refused_at_prepare_when_the_embedding_is_not_an_nn_
     assert not any(isinstance(m, W8A8Linear) for m in model.modules())
 
 
+def test_quantize_embeddings_refused_at_prepare_for_a_model_without_input_embedding():
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="Sequential's input embedding is none"):
+        prepare(model, W8A8Config(quantize_embeddings=True), args=(torch.randn(2, 8),))
+    assert "_tico_quantizer" not in model.__dict__
+
+
 def test_embedding_that_stops_being_an_nn_embedding_after_prepare_is_caught_before_any_swap():
     """The reproduced case: the Linears used to be swapped (and stayed swapped) before the embedding check."""
     model = calibrated(W8A8Config(smoothing=SmoothQuantConfig(), quantize_embeddings=True))

@@ -218,6 +218,11 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     # -- convert -------------------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
+        """:meth:`plan_scales`, :meth:`validate` (one error listing every problem), :meth:`apply`.
+
+        The folds run inside a :class:`Transaction`, so even an unexpected failure while folding (out of memory,
+        an interrupt) restores every weight; the price is a transient copy of the smoothed parameters.
+        """
         if not self.plan.smoothed:
             logger.warning("SmoothQuant: nothing to smooth in %s; the model is unchanged", type(model).__name__)
             return model

@@ -189,11 +189,15 @@ class W8A8Quantizer(BaseQuantizer):
     @staticmethod
     def _input_embedding(model: nn.Module) -> nn.Embedding:
         get_in = getattr(model, "get_input_embeddings", None)
-        embedding = get_in() if callable(get_in) else None
+        try:
+            embedding = get_in() if callable(get_in) else None
+        except (NotImplementedError, AttributeError):  # transformers' default for models without one
+            embedding = None
         if not isinstance(embedding, nn.Embedding):
+            what = "none (no get_input_embeddings())" if embedding is None else f"{type(embedding).__name__}"
             raise ValueError(
-                f"W8A8Config.quantize_embeddings: {type(model).__name__}'s input embedding is "
-                f"{type(embedding).__name__}, not an nn.Embedding; leave quantize_embeddings off"
+                f"W8A8Config.quantize_embeddings: {type(model).__name__}'s input embedding is {what}, "
+                "not an nn.Embedding; leave quantize_embeddings off"
             )
         return embedding
 
