@@ -55,6 +55,16 @@ def recipes(backend: str) -> dict[str, W8A8Config]:
     }
 
 
+class Clock:
+    """Wall and process CPU time between construction and :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        self.wall, self.cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+
 def forward_all(model: torch.nn.Module, calib: torch.Tensor, batch: int) -> None:
     with torch.no_grad():
         for b in calib.split(batch):
@@ -73,6 +83,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="cProfile convert; print the top functions")
     parser.add_argument("--top", type=int, default=25, help="functions shown by --profile (default 25)")
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key for --profile (default cumulative)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,32 +93,34 @@ def main() -> None:
         chosen = {args.recipe: chosen[args.recipe]}
     print(f"random outlier Llama: {args.layers} layers, hidden {args.hidden}; calibration {args.samples}x{args.seq_len}"
           f" tokens in batches of {args.batch}; {args.threads} threads")
-    print(f"{'recipe':12s} {'forward':>8s} {'calib':>8s} {'convert':>8s} {'(calib+convert)/forward':>24s}")
+    print("wall seconds, then CPU seconds of this process (steadier on a shared machine); ratio = (calib + convert) / forward")
+    print(f"{'recipe':12s} {'forward':>8s} {'calib':>8s} {'convert':>8s} {'ratio':>6s}   {'cpu fwd':>8s} {'calib':>8s} "
+          f"{'convert':>8s} {'ratio':>6s}")
     for name, config in chosen.items():
         model = outlier_llama(args.hidden, args.layers)
         forward_all(model, calib[: args.batch], args.batch)  # warm-up
-        start = time.perf_counter()
+        fwd = Clock()
         forward_all(model, calib, args.batch)
-        t_fwd = time.perf_counter() - start
+        fwd.stop()
 
-        start = time.perf_counter()
+        cal = Clock()
         model = prepare(model, config)
         forward_all(model, calib, args.batch)
-        t_calib = time.perf_counter() - start
+        cal.stop()
 
         profiler = cProfile.Profile() if args.profile else None
-        start = time.perf_counter()
+        conv = Clock()
         if profiler is not None:
             profiler.enable()
         convert(model)
         if profiler is not None:
             profiler.disable()
-        t_convert = time.perf_counter() - start
-        print(f"{name:12s} {t_fwd:7.2f}s {t_calib:7.2f}s {t_convert:7.2f}s {(t_calib + t_convert) / t_fwd:24.2f}",
-              flush=True)
+        conv.stop()
+        print(f"{name:12s} {fwd.wall:7.2f}s {cal.wall:7.2f}s {conv.wall:7.2f}s {(cal.wall + conv.wall) / fwd.wall:6.2f}   "
+              f"{fwd.cpu:7.2f}s {cal.cpu:7.2f}s {conv.cpu:7.2f}s {(cal.cpu + conv.cpu) / fwd.cpu:6.2f}", flush=True)
         if profiler is not None:
             out = io.StringIO()
-            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)
             print(out.getvalue())
 
 

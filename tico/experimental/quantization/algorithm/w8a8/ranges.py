@@ -9,14 +9,17 @@ a small fraction of one forward pass, not ``len(CLIP_RATIOS)`` passes over the s
 
 * the clip is searched **coarse to fine** over :data:`CLIP_RATIOS` (every 8th ratio, then every ratio within
   one coarse step of the two best), with all candidates of a step scored in one batched tensor op;
-* a sample of more than :data:`MAX_SCORED` values is scored **stratified**: every value above a high quantile
-  of ``|x|`` (the tail, where clipping happens, kept exactly) plus a seeded uniform subsample of the rest,
-  weighted to stand for all of it (rounding error there is an average, well estimated from a subsample).
+* a sample of more than :data:`MAX_SCORED` values is scored through a :class:`RangeSketch`, **stratified**:
+  each channel's largest ``|x|`` (the tail, where clipping happens, kept exactly) plus a seeded uniform
+  subsample of the rest, weighted to stand for all of it (rounding error there is an average, well estimated
+  from a subsample). The sketch commutes with per-channel smoothing scales, so the alpha search builds it once.
 
 ``tests/algorithm/w8a8/test_ranges.py`` checks the result against the exhaustive search on all values.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,35 +31,64 @@ COARSE_STEP = 8
 MAX_SCORED = 1 << 15
 """Values scored per candidate clip: samples larger than this are scored stratified (exact tail + subsample)."""
 TAIL_FRACTION = 0.25
-"""Share of :data:`MAX_SCORED` spent on the exact tail (the largest ``|x|``), the rest on the subsample."""
+"""Share of :data:`MAX_SCORED` spent on the exact tail (each channel's largest ``|x|``), the rest on the subsample."""
 SEED = 0
 
 
-def _stratified(x: torch.Tensor, max_scored: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(values, weights)`` whose weighted squared-error sums estimate those of all of ``x`` (flat, fp32).
+@dataclass(frozen=True)
+class RangeSketch:
+    """A bounded, weighted stand-in for a sample ``[N, C]`` whose clip errors estimate the whole sample's.
 
-    Small samples come back whole (``weights`` None: exact). Otherwise every value with ``|x|`` above the
-    ``1 - tail/N`` quantile (estimated on the subsample) is kept with weight 1, and a seeded uniform subsample
-    of the others gets weight ``(#others) / (#subsampled others)``: unbiased, and exact where clipping acts.
+    Kept: every channel's ``m`` largest ``|x|`` (exact, weight 1: where clipping acts) and a seeded uniform
+    subsample of the other values, weighted to stand for all of them (rounding error there is an average).
+    Both choices are invariant under a per-channel scale, so ``RangeSketch.of(x).scaled(s)`` holds exactly the
+    values of ``RangeSketch.of(x / s)``: the alpha search scores the range convert will deploy, without a pass
+    over the whole sample per alpha.
     """
-    n = x.numel()
-    if n <= max_scored:
-        return x, None
-    gen = torch.Generator().manual_seed(SEED)
-    n_sub = max_scored - int(max_scored * TAIL_FRACTION)
-    sub = x[torch.randint(n, (n_sub,), generator=gen).to(x.device)]
-    tail_share = (max_scored * TAIL_FRACTION) / n
-    k = max(1, min(n_sub, int(round((1.0 - tail_share) * n_sub))))
-    threshold = sub.abs().kthvalue(k).values
-    in_tail = x.abs() > threshold
-    tail = x[in_tail]
-    rest = sub[sub.abs() <= threshold]
-    if rest.numel() == 0:
-        return tail, None
-    weight = (n - tail.numel()) / rest.numel()
-    values = torch.cat([tail, rest])
-    weights = torch.cat([tail.new_ones(tail.numel()), tail.new_full((rest.numel(),), weight)])
-    return values, weights
+
+    values: torch.Tensor  # fp32 [M]
+    channels: torch.Tensor  # long [M]: the channel of each value
+    weights: torch.Tensor | None  # fp32 [M], None: every value of the sample, weight 1
+
+    @classmethod
+    def of(cls, sample: torch.Tensor, max_scored: int = MAX_SCORED) -> "RangeSketch":
+        x = sample.detach().reshape(-1, sample.shape[-1] if sample.dim() > 1 else 1)
+        n_rows, c = x.shape
+        n = x.numel()
+        if n <= max_scored:
+            channels = torch.arange(c, device=x.device).repeat(n_rows)
+            return cls(x.float().flatten(), channels, None)
+        m = max(1, min(n_rows, int(max_scored * TAIL_FRACTION) // c))
+        top = x.abs().topk(m, dim=0).indices  # [m, C]
+        tail = x.gather(0, top).float().flatten()
+        tail_channels = torch.arange(c, device=x.device).repeat(m)
+        in_tail = torch.zeros(n_rows, c, dtype=torch.bool, device=x.device).scatter_(0, top, True).flatten()
+        gen = torch.Generator().manual_seed(SEED)
+        idx = torch.randint(n, (max_scored - tail.numel(),), generator=gen).to(x.device)
+        idx = idx[~in_tail[idx]]
+        rest = x.flatten()[idx].float()
+        weight = (n - tail.numel()) / max(1, idx.numel())
+        return cls(
+            torch.cat([tail, rest]),
+            torch.cat([tail_channels, idx % c]),
+            torch.cat([tail.new_ones(tail.numel()), tail.new_full((idx.numel(),), weight)]),
+        )
+
+    def scaled(self, divisor: torch.Tensor) -> "RangeSketch":
+        """The sketch of ``sample / divisor`` (``divisor``: one per channel)."""
+        d = divisor.float().to(self.values.device).reshape(-1)
+        return RangeSketch(self.values / d[self.channels], self.channels, self.weights)
+
+    def mse_clip(self, absmax: float, exhaustive: bool = False) -> float:
+        """The clip in ``absmax * CLIP_RATIOS`` with the smallest (estimated) ``sum (x - q(x))**2``."""
+        if absmax <= 0:
+            return 0.0
+        if self.values.numel() == 0:
+            return absmax
+        clips = (CLIP_RATIOS * absmax).tolist()
+        best = coarse_to_fine(lambda idx: _clip_errors(self.values, self.weights, [clips[i] for i in idx]),
+                              len(clips), step=1 if exhaustive else COARSE_STEP)
+        return clips[best]
 
 
 def _clip_errors(values: torch.Tensor, weights: torch.Tensor | None, clips: list[float]) -> torch.Tensor:
@@ -92,21 +124,16 @@ def mse_range(sample: torch.Tensor, absmax: float, *, max_scored: int = MAX_SCOR
     """The clip in ``absmax * CLIP_RATIOS`` minimising ``sum (x - q(x))**2`` over ``sample``.
 
     Args:
-        sample: calibration values (any shape, any float dtype; scored in fp32).
+        sample: calibration values ``[..., C]`` (any float dtype; scored in fp32).
         absmax: the range over *all* calibration data (the largest candidate).
-        max_scored: values scored per candidate (stratified above this; see the module docstring).
+        max_scored: values scored per candidate (a :class:`RangeSketch` of the sample above this).
         exhaustive: score every ratio on every value (the reference the fast search is tested against).
     """
     if absmax <= 0:
         return 0.0
-    x = sample.detach().float().flatten()
-    if x.numel() == 0:
-        return absmax
-    values, weights = (x, None) if exhaustive else _stratified(x, max_scored)
-    clips = (CLIP_RATIOS * absmax).tolist()
-    best = coarse_to_fine(lambda idx: _clip_errors(values, weights, [clips[i] for i in idx]), len(clips),
-                          step=1 if exhaustive else COARSE_STEP)
-    return clips[best]
+    if exhaustive:
+        return RangeSketch.of(sample, max_scored=sample.numel()).mse_clip(absmax, exhaustive=True)
+    return RangeSketch.of(sample, max_scored).mse_clip(absmax)
 
 
 def output_mse_range(

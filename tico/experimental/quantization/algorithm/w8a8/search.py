@@ -14,7 +14,9 @@ times the calibration forward itself). It therefore
   range itself is still chosen, as deployed, from the whole sample and the full-data abs-max),
 * searches the grid coarse to fine (every ``len(grid) // 5``-th alpha and the one nearest 0.5, then halving
   steps around the best): 11 of the default 21 alphas,
-* computes ``Qa(X / s)`` once per distinct input (``q/k/v`` read one tensor) and the references ``X W^T`` once.
+* computes ``Qa(X / s)`` once per distinct input (``q/k/v`` read one tensor) and the references ``X W^T`` once,
+* chooses MSE ranges from one :class:`~.ranges.RangeSketch` of the sample per input, scaled per alpha (the
+  very range convert deploys, with no pass over the whole sample per alpha).
 
 ``exhaustive=True`` scores every alpha on every row: the reference ``tests/algorithm/w8a8/test_search.py``
 holds the fast search to.
@@ -29,7 +31,7 @@ from typing import Callable
 import torch
 
 from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
-from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
+from tico.experimental.quantization.algorithm.w8a8.ranges import RangeSketch, static_range
 from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range, fake_quant_weight
 
 SCORE_ROWS = 512
@@ -122,6 +124,7 @@ class _Input:
         self.rows, self.row_weights = score_rows(first.sample, max_rows, self.absmax)
         self.weights: list[torch.Tensor] = []
         self.refs: list[torch.Tensor] = []
+        self._sketch: RangeSketch | None = None
 
     def add(self, term: Term) -> None:
         w = term.weight.float().to(self.rows.device)
@@ -133,7 +136,11 @@ class _Input:
         x = self.rows / s
         absmax = self.absmax.to(s.device) / s
         err = 0.0
-        if quant.activations == "dynamic" or quant.act_range != "output_mse":
+        if quant.activations == "static" and quant.act_range == "mse":  # the deployed range, from the sketch
+            xq = fake_quant_range(x, self.sketch().scaled(s).mse_clip(float(absmax.max())))
+            for w, ref in zip(self.weights, self.refs):
+                err += self._weighted((xq @ quant.quantize_weight(w * s).T).sub_(ref))
+        elif quant.activations == "dynamic" or quant.act_range != "output_mse":
             full = None  # the deployed range comes from the whole sample, not only the scored rows
             if quant.activations == "static" and quant.act_range != "absmax" and self.sample.numel() > x.numel():
                 full = self.sample.reshape(-1, s.numel()) / s
@@ -146,6 +153,12 @@ class _Input:
                 err += self._weighted((quant.quantize_acts(x, absmax, ws) @ quant.quantize_weight(ws).T).sub_(ref))
         return err
 
+
+    def sketch(self) -> RangeSketch:
+        """The whole sample's :class:`RangeSketch`, built once (it commutes with smoothing scales)."""
+        if self._sketch is None:
+            self._sketch = RangeSketch.of(self.sample)
+        return self._sketch
 
     def _weighted(self, diff: torch.Tensor) -> float:
         """``sum_i weight_i ||diff_i||^2`` over the scored rows (the estimate of the whole sample's error)."""
