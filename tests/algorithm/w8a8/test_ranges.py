@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tico.experimental.quantization.algorithm.w8a8.ranges import (
+    CLIP_RATIOS,
+    RangeSketch,
+    _clip_errors,
+    coarse_to_fine,
     fake_quant_range,
     mse_range,
     output_mse_range,
@@ -44,3 +49,65 @@ def test_percentile_and_dispatch():
     assert percentile_range(x, absmax, 99.0) < absmax
     assert static_range("absmax", x, absmax, 99.9) == absmax
     assert static_range("output_mse", x, absmax, 99.9) == mse_range(x, absmax)  # no weight: falls back
+
+
+# -- the fast clip search against the exhaustive one -------------------------------------------------------------
+
+
+def _activations(seed: int, rows: int, channels: int) -> torch.Tensor:
+    """Per-channel spreads, a few outlier channels and a few extreme tokens: a clip trades them off."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, channels, generator=gen) * (0.2 + 2 * torch.rand(channels, generator=gen))
+    x[:, torch.randperm(channels, generator=gen)[:2]] *= 1 + 15 * seed % 4
+    x[torch.randint(rows, (5,), generator=gen)] *= 30
+    return x
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rows, channels", [(256, 64), (2048, 256)])  # exact scoring / stratified scoring
+def test_fast_mse_range_is_as_good_as_exhaustive(seed, rows, channels):
+    x = _activations(seed, rows, channels)
+    absmax = float(x.abs().max()) * 1.05  # the full-data abs-max exceeds the sample's
+    err = lambda c: float((fake_quant_range(x, c) - x).double().pow(2).sum())  # noqa: E731
+    exact = mse_range(x, absmax, exhaustive=True)
+    fast = mse_range(x, absmax)
+    assert err(fast) <= err(exact) * 1.005  # within 0.5% of the best clip's error, on every value
+    best = min(err(absmax * float(r)) for r in CLIP_RATIOS)
+    assert err(exact) == pytest.approx(best, rel=1e-6)  # exhaustive really is the minimum (up to fp32 sums)
+
+
+def test_batched_clip_errors_use_the_deployed_integers():
+    x = _activations(0, 64, 32).flatten()
+    clips = [0.3, 1.7, 25.0]
+    errors = _clip_errors(x, None, clips)
+    assert errors.tolist() == [float((fake_quant_range(x, c) - x).pow(2).sum()) for c in clips]
+
+
+def test_sketch_is_exact_in_the_tail_unbiased_and_commutes_with_smoothing():
+    x = _activations(1, 2048, 256)
+    sketch = RangeSketch.of(x, 1 << 12)
+    assert sketch.values.numel() <= 1 << 12
+    top = x.abs().amax(dim=0)
+    assert bool(torch.isin(top, sketch.values.abs()).all())  # every channel's largest value is kept (weight 1)
+    assert float(sketch.weights.sum()) == pytest.approx(x.numel(), rel=0.01)
+    assert float((sketch.values.pow(2) * sketch.weights).sum()) == pytest.approx(float(x.pow(2).sum()), rel=0.05)
+    s = 0.1 + torch.rand(256, generator=torch.Generator().manual_seed(5)) * 10
+    smoothed = RangeSketch.of(x / s, 1 << 12)
+    assert torch.equal(sketch.scaled(s).values, smoothed.values)  # built once, valid for every alpha
+
+
+def test_coarse_to_fine_finds_the_narrower_of_two_basins():
+    curve = torch.ones(96)
+    curve[20], curve[70] = 0.5, 0.2  # two isolated minima, between coarse points
+    curve[16], curve[72] = 0.6, 0.3
+    assert coarse_to_fine(lambda idx: curve[idx], 96) == 70
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_output_mse_range_is_as_good_as_exhaustive(seed):
+    x = _activations(seed, 256, 32)
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(seed))
+    wq = fake_quant_weight(w, "per_channel")
+    absmax = float(x.abs().max())
+    out_err = lambda c: float((fake_quant_range(x, c) @ wq.T - x @ w.T).pow(2).sum())  # noqa: E731
+    assert out_err(output_mse_range(x, absmax, w, wq)) <= out_err(output_mse_range(x, absmax, w, wq, exhaustive=True)) * 1.005

@@ -3,49 +3,158 @@
 Abs-max over a calibration set is hostage to a few extreme tokens; clipping them costs a little error on those
 tokens and buys resolution for all the others. ``mse`` picks the clip that minimises the quantization error of
 the calibration sample, with exactly the quantizer that will be deployed.
+
+Cost. Convert calls these once per layer and, for ``alpha="auto"``, once per scored alpha, so they must cost
+a small fraction of one forward pass, not ``len(CLIP_RATIOS)`` passes over the sample:
+
+* the clip is searched **coarse to fine** over :data:`CLIP_RATIOS` (every 8th ratio, then every ratio within
+  one coarse step of the two best), with all candidates of a step scored in one batched tensor op;
+* a sample of more than :data:`MAX_SCORED` values is scored through a :class:`RangeSketch`, **stratified**:
+  each channel's largest ``|x|`` (the tail, where clipping happens, kept exactly) plus a seeded uniform
+  subsample of the rest, weighted to stand for all of it (rounding error there is an average, well estimated
+  from a subsample). The sketch commutes with per-channel smoothing scales, so the alpha search builds it once.
+
+``tests/algorithm/w8a8/test_ranges.py`` checks the result against the exhaustive search on all values.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from tico.experimental.quantization.nn.qscheme import fake_quant_range
+from tico.experimental.quantization.nn.qscheme import QMAX, QMIN_ACT, fake_quant_range, static_multiplier, range_to_scale
 
 CLIP_RATIOS = torch.linspace(0.05, 1.0, 96)
+COARSE_STEP = 8
+"""Stride of the first pass over :data:`CLIP_RATIOS`; the second pass scores every ratio near the best ones."""
+MAX_SCORED = 1 << 15
+"""Values scored per candidate clip: samples larger than this are scored stratified (exact tail + subsample)."""
+TAIL_FRACTION = 0.25
+"""Share of :data:`MAX_SCORED` spent on the exact tail (each channel's largest ``|x|``), the rest on the subsample."""
+SEED = 0
 
 
-def mse_range(sample: torch.Tensor, absmax: float) -> float:
-    """The clip in ``(0, absmax]`` minimising ``sum (x - q(x))**2`` over ``sample`` (fp32)."""
-    if absmax <= 0:
-        return 0.0
-    x = sample.float().flatten()
-    best, best_err = absmax, float("inf")
-    for ratio in CLIP_RATIOS.tolist():
-        clip = absmax * ratio
-        err = float((fake_quant_range(x, clip) - x).pow(2).sum())
-        if err < best_err:
-            best, best_err = clip, err
-    return best
+@dataclass(frozen=True)
+class RangeSketch:
+    """A bounded, weighted stand-in for a sample ``[N, C]`` whose clip errors estimate the whole sample's.
+
+    Kept: every channel's ``m`` largest ``|x|`` (exact, weight 1: where clipping acts) and a seeded uniform
+    subsample of the other values, weighted to stand for all of them (rounding error there is an average).
+    Both choices are invariant under a per-channel scale, so ``RangeSketch.of(x).scaled(s)`` holds exactly the
+    values of ``RangeSketch.of(x / s)``: the alpha search scores the range convert will deploy, without a pass
+    over the whole sample per alpha.
+    """
+
+    values: torch.Tensor  # fp32 [M]
+    channels: torch.Tensor  # long [M]: the channel of each value
+    weights: torch.Tensor | None  # fp32 [M], None: every value of the sample, weight 1
+
+    @classmethod
+    def of(cls, sample: torch.Tensor, max_scored: int = MAX_SCORED) -> "RangeSketch":
+        x = sample.detach().reshape(-1, sample.shape[-1] if sample.dim() > 1 else 1)
+        n_rows, c = x.shape
+        n = x.numel()
+        if n <= max_scored:
+            channels = torch.arange(c, device=x.device).repeat(n_rows)
+            return cls(x.float().flatten(), channels, None)
+        m = max(1, min(n_rows, int(max_scored * TAIL_FRACTION) // c))
+        top = x.abs().topk(m, dim=0).indices  # [m, C]
+        tail = x.gather(0, top).float().flatten()
+        tail_channels = torch.arange(c, device=x.device).repeat(m)
+        in_tail = torch.zeros(n_rows, c, dtype=torch.bool, device=x.device).scatter_(0, top, True).flatten()
+        gen = torch.Generator().manual_seed(SEED)
+        idx = torch.randint(n, (max_scored - tail.numel(),), generator=gen).to(x.device)
+        idx = idx[~in_tail[idx]]
+        rest = x.flatten()[idx].float()
+        weight = (n - tail.numel()) / max(1, idx.numel())
+        return cls(
+            torch.cat([tail, rest]),
+            torch.cat([tail_channels, idx % c]),
+            torch.cat([tail.new_ones(tail.numel()), tail.new_full((idx.numel(),), weight)]),
+        )
+
+    def scaled(self, divisor: torch.Tensor) -> "RangeSketch":
+        """The sketch of ``sample / divisor`` (``divisor``: one per channel)."""
+        d = divisor.float().to(self.values.device).reshape(-1)
+        return RangeSketch(self.values / d[self.channels], self.channels, self.weights)
+
+    def mse_clip(self, absmax: float, exhaustive: bool = False) -> float:
+        """The clip in ``absmax * CLIP_RATIOS`` with the smallest (estimated) ``sum (x - q(x))**2``."""
+        if absmax <= 0:
+            return 0.0
+        if self.values.numel() == 0:
+            return absmax
+        clips = (CLIP_RATIOS * absmax).tolist()
+        best = coarse_to_fine(lambda idx: _clip_errors(self.values, self.weights, [clips[i] for i in idx]),
+                              len(clips), step=1 if exhaustive else COARSE_STEP)
+        return clips[best]
 
 
-def output_mse_range(sample: torch.Tensor, absmax: float, weight: torch.Tensor, weight_q: torch.Tensor) -> float:
-    """The clip minimising the layer's *output* error ``|| q(x) Wq^T - x W^T ||^2`` on ``sample``.
+def _clip_errors(values: torch.Tensor, weights: torch.Tensor | None, clips: list[float]) -> torch.Tensor:
+    """Weighted ``sum (x - q_c(x))**2`` for every clip ``c``, batched; the integers of :func:`fake_quant_range`."""
+    scales = [range_to_scale(c) for c in clips]
+    mult = torch.cat([static_multiplier(s) for s in scales]).to(values.device).unsqueeze(1)  # [R, 1] fp32
+    scale = torch.tensor(scales, dtype=torch.float32, device=values.device).unsqueeze(1)
+    q = (values.unsqueeze(0) * mult).round_().clamp_(QMIN_ACT, QMAX).mul_(scale)
+    err = q.sub_(values).pow_(2)
+    return (err @ weights) if weights is not None else err.sum(dim=1)
 
-    Clipping error in a channel that meets large weights costs more than in one that meets small weights;
-    scoring the output sees that, scoring the activation alone does not.
+
+def coarse_to_fine(score, n: int, step: int = COARSE_STEP, keep: int = 2) -> int:
+    """The index in ``range(n)`` minimising ``score(list of indices) -> tensor of errors``, searched coarse to
+    fine: every ``step``-th index (and the last), then every index within ``step`` of the ``keep`` best.
+
+    Ties go to the larger index (the larger clip). Exhaustive when ``step <= 1``.
+    """
+    if step <= 1 or n <= 2 * step:
+        idx = list(range(n))
+    else:
+        idx = sorted(set(range(0, n, step)) | {n - 1})
+    errors = dict(zip(idx, score(idx).tolist()))
+    if len(idx) < n:
+        best = sorted(errors, key=lambda i: (errors[i], -i))[:keep]
+        fine = sorted({j for b in best for j in range(max(0, b - step + 1), min(n, b + step))} - set(errors))
+        if fine:
+            errors.update(zip(fine, score(fine).tolist()))
+    return min(errors, key=lambda i: (errors[i], -i))
+
+
+def mse_range(sample: torch.Tensor, absmax: float, *, max_scored: int = MAX_SCORED, exhaustive: bool = False) -> float:
+    """The clip in ``absmax * CLIP_RATIOS`` minimising ``sum (x - q(x))**2`` over ``sample``.
+
+    Args:
+        sample: calibration values ``[..., C]`` (any float dtype; scored in fp32).
+        absmax: the range over *all* calibration data (the largest candidate).
+        max_scored: values scored per candidate (a :class:`RangeSketch` of the sample above this).
+        exhaustive: score every ratio on every value (the reference the fast search is tested against).
     """
     if absmax <= 0:
         return 0.0
-    x = sample.float()
+    if exhaustive:
+        return RangeSketch.of(sample, max_scored=sample.numel()).mse_clip(absmax, exhaustive=True)
+    return RangeSketch.of(sample, max_scored).mse_clip(absmax)
+
+
+def output_mse_range(
+    sample: torch.Tensor, absmax: float, weight: torch.Tensor, weight_q: torch.Tensor, *, exhaustive: bool = False
+) -> float:
+    """The clip minimising the layer's *output* error ``|| q(x) Wq^T - x W^T ||^2`` on ``sample``.
+
+    Clipping error in a channel that meets large weights costs more than in one that meets small weights;
+    scoring the output sees that, scoring the activation alone does not. Searched coarse to fine.
+    """
+    if absmax <= 0:
+        return 0.0
+    x = sample.detach().float().reshape(-1, weight.shape[1])
     ref = x @ weight.float().T
     wq = weight_q.float().T
-    best, best_err = absmax, float("inf")
-    for ratio in CLIP_RATIOS.tolist():
-        clip = absmax * ratio
-        err = float((fake_quant_range(x, clip) @ wq - ref).pow(2).sum())
-        if err < best_err:
-            best, best_err = clip, err
-    return best
+    clips = (CLIP_RATIOS * absmax).tolist()
+
+    def score(idx: list[int]) -> torch.Tensor:
+        return torch.tensor([float((fake_quant_range(x, clips[i]) @ wq - ref).pow(2).sum()) for i in idx])
+
+    return clips[coarse_to_fine(score, len(clips), step=1 if exhaustive else COARSE_STEP)]
 
 
 def percentile_range(sample: torch.Tensor, absmax: float, percentile: float) -> float:

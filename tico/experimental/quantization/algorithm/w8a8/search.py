@@ -5,18 +5,38 @@ on the calibration row sample ``X``. ``Qa`` is exactly the activation quantizer 
 dynamic, or per-tensor static with the range chosen by the deployed method, where the abs-max range comes
 from the statistics of *all* calibration data (not from the sample: a range taken from a subset is smaller
 than the deployed one, favours large alphas, and picked alphas that made a real model worse).
+
+Cost. Scoring one alpha costs a forward of the scored rows through the group's consumers, so the search must
+not score every alpha on every sampled row (that was ``len(grid) * calibration_rows`` rows per layer, several
+times the calibration forward itself). It therefore
+
+* scores at most ``max_rows`` (:data:`SCORE_ROWS`) rows, a seeded uniform subset of the sample (the static
+  range itself is still chosen, as deployed, from the whole sample and the full-data abs-max),
+* searches the grid coarse to fine (every ``len(grid) // 5``-th alpha and the one nearest 0.5, then halving
+  steps around the best): 11 of the default 21 alphas,
+* computes ``Qa(X / s)`` once per distinct input (``q/k/v`` read one tensor) and the references ``X W^T`` once,
+* chooses MSE ranges from one :class:`~.ranges.RangeSketch` of the sample per input, scaled per alpha (the
+  very range convert deploys, with no pass over the whole sample per alpha).
+
+``exhaustive=True`` scores every alpha on every row: the reference ``tests/algorithm/w8a8/test_search.py``
+holds the fast search to.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
-from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
+from tico.experimental.quantization.algorithm.w8a8.ranges import RangeSketch, static_range
 from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range, fake_quant_weight
+
+SCORE_ROWS = 512
+"""Rows of the calibration sample scored per alpha (a seeded uniform subset when the sample is larger)."""
+SEED = 0
 
 
 @dataclass(frozen=True)
@@ -29,15 +49,24 @@ class DeployedQuant:
     percentile: float
 
     def quantize_acts(
-        self, x_smoothed: torch.Tensor, absmax_smoothed: torch.Tensor, weight: torch.Tensor | None = None
+        self,
+        x_smoothed: torch.Tensor,
+        absmax_smoothed: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        range_sample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``Qa``: the deployed activation quantize-dequantize of already-smoothed rows (``weight``: smoothed,
-        for output-error ranges)."""
+        for output-error ranges; ``range_sample``: the smoothed rows the static range is chosen from, by
+        default ``x_smoothed`` itself)."""
         if self.activations == "dynamic":
             return fake_quant_activation(x_smoothed, "per_token")
-        wq = None if weight is None else self.quantize_weight(weight)
-        r = static_range(self.act_range, x_smoothed, float(absmax_smoothed.max()), self.percentile, weight, wq)
+        r = self.static_range(x_smoothed if range_sample is None else range_sample, absmax_smoothed, weight)
         return fake_quant_range(x_smoothed, r)
+
+    def static_range(self, sample: torch.Tensor, absmax_smoothed: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+        """The deployed static range of a smoothed input (as convert computes it)."""
+        wq = None if weight is None or self.act_range != "output_mse" else self.quantize_weight(weight)
+        return static_range(self.act_range, sample, float(absmax_smoothed.max()), self.percentile, weight, wq)
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quant_weight(w, self.weights)
@@ -56,15 +85,114 @@ class Term:
         return to_columns(scales, self.channel_map)
 
 
+def score_rows(
+    sample: torch.Tensor, max_rows: int | None, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At most ``max_rows`` rows of ``sample [N, C]`` (fp32, in order) and their weights (None: all rows, exact).
+
+    Stratified, because a few extreme tokens carry most of a static quantizer's clipping error: the
+    ``max_rows // 4`` rows with the largest ``max_j |x_j| / absmax_j`` (invariant under any smoothing scale,
+    so the same rows are extreme for every alpha) are kept with weight 1, and a seeded uniform subset of the
+    other rows stands for all of them with weight ``(#others) / (#kept others)``.
+    """
+    sample = sample.reshape(-1, sample.shape[-1])
+    n = sample.shape[0]
+    if max_rows is None or n <= max_rows:
+        return sample.float(), None
+    n_tail = max_rows // 4
+    if absmax is None:
+        absmax = sample.abs().amax(dim=0)
+    ratio = (sample.abs().float() / absmax.float().to(sample.device).clamp_min(1e-30)).amax(dim=1)
+    tail = torch.topk(ratio, n_tail).indices if n_tail else ratio.new_zeros(0, dtype=torch.long)
+    is_tail = torch.zeros(n, dtype=torch.bool, device=sample.device)
+    is_tail[tail] = True
+    others = (~is_tail).nonzero().flatten()
+    gen = torch.Generator().manual_seed(SEED)
+    picked = others[torch.randperm(others.numel(), generator=gen)[: max_rows - n_tail].to(others.device)]
+    idx = torch.cat([tail, picked]).sort().values
+    weights = torch.where(is_tail[idx], 1.0, others.numel() / max(1, picked.numel())).float()
+    return sample[idx].float(), weights
+
+
+class _Input:
+    """The consumers of one input tensor (one sample, one column map): ``Qa(X/s)`` is shared by all of them."""
+
+    def __init__(self, first: Term, max_rows: int | None) -> None:
+        self.sample = first.sample
+        self.absmax = first.act_absmax.float()
+        self.channel_map = first.channel_map
+        self.rows, self.row_weights = score_rows(first.sample, max_rows, self.absmax)
+        self.weights: list[torch.Tensor] = []
+        self.refs: list[torch.Tensor] = []
+        self._sketch: RangeSketch | None = None
+
+    def add(self, term: Term) -> None:
+        w = term.weight.float().to(self.rows.device)
+        self.weights.append(w)
+        self.refs.append(self.rows @ w.T)
+
+    def error(self, scales: torch.Tensor, quant: DeployedQuant) -> float:
+        s = to_columns(scales, self.channel_map).to(self.rows.device).float()
+        x = self.rows / s
+        absmax = self.absmax.to(s.device) / s
+        err = 0.0
+        if quant.activations == "static" and quant.act_range == "mse":  # the deployed range, from the sketch
+            xq = fake_quant_range(x, self.sketch().scaled(s).mse_clip(float(absmax.max())))
+            for w, ref in zip(self.weights, self.refs):
+                err += self._weighted((xq @ quant.quantize_weight(w * s).T).sub_(ref))
+        elif quant.activations == "dynamic" or quant.act_range != "output_mse":
+            full = None  # the deployed range comes from the whole sample, not only the scored rows
+            if quant.activations == "static" and quant.act_range != "absmax" and self.sample.numel() > x.numel():
+                full = self.sample.reshape(-1, s.numel()) / s
+            xq = quant.quantize_acts(x, absmax, range_sample=full)
+            for w, ref in zip(self.weights, self.refs):
+                err += self._weighted((xq @ quant.quantize_weight(w * s).T).sub_(ref))
+        else:  # the range depends on each consumer's weight: scored on the scored rows
+            for w, ref in zip(self.weights, self.refs):
+                ws = w * s
+                err += self._weighted((quant.quantize_acts(x, absmax, ws) @ quant.quantize_weight(ws).T).sub_(ref))
+        return err
+
+
+    def sketch(self) -> RangeSketch:
+        """The whole sample's :class:`RangeSketch`, built once (it commutes with smoothing scales)."""
+        if self._sketch is None:
+            self._sketch = RangeSketch.of(self.sample)
+        return self._sketch
+
+    def _weighted(self, diff: torch.Tensor) -> float:
+        """``sum_i weight_i ||diff_i||^2`` over the scored rows (the estimate of the whole sample's error)."""
+        per_row = diff.pow_(2).sum(dim=1)
+        return float(per_row.sum() if self.row_weights is None else per_row @ self.row_weights)
+
+
 def output_error(terms: list[Term], references: list[torch.Tensor], scales: torch.Tensor, quant: DeployedQuant) -> float:
-    """Squared output error of the consumers under producer-channel ``scales`` and the deployed quantizer."""
+    """Squared output error of the consumers under producer-channel ``scales`` and the deployed quantizer,
+    every sampled row scored (``references[k] = sample_k @ W_k^T``)."""
     err = 0.0
     for term, ref in zip(terms, references):
-        s = term.columns(scales).to(term.sample.device)
-        w = term.weight * s
-        xq = quant.quantize_acts(term.sample / s, term.act_absmax.to(s.device) / s, w)
+        s = term.columns(scales).to(term.sample.device).float()
+        w = term.weight.float() * s
+        xq = quant.quantize_acts(term.sample.float() / s, term.act_absmax.float().to(s.device) / s, w)
         err += float((xq @ quant.quantize_weight(w).T - ref).pow(2).sum())
     return err
+
+
+def _coarse_to_fine(grid: list[float], error: Callable[[float], float]) -> None:
+    """Evaluate ``error`` on a coarse subset of the sorted ``grid`` (every ``len // 5``-th point and the one
+    nearest 0.5), then around the best point with halving steps (``error`` memoises)."""
+    n = len(grid)
+    step = max(1, n // 5)
+    coarse = set(range(0, n, step)) | {n - 1, min(range(n), key=lambda i: abs(grid[i] - 0.5))}
+    scores = {i: error(grid[i]) for i in sorted(coarse)}
+    best = min(scores, key=lambda i: (scores[i], abs(grid[i] - 0.5)))
+    h = step // 2
+    while h >= 1:
+        for j in (best - h, best + h):
+            if 0 <= j < n and j not in scores:
+                scores[j] = error(grid[j])
+        best = min(scores, key=lambda i: (scores[i], abs(grid[i] - 0.5)))
+        h //= 2
 
 
 def search_alpha(
@@ -72,17 +200,45 @@ def search_alpha(
     scales_for: Callable[[float], torch.Tensor],
     grid: tuple[float, ...],
     quant: DeployedQuant,
+    *,
+    max_rows: int | None = SCORE_ROWS,
+    exhaustive: bool = False,
 ) -> tuple[float, dict[float, float]]:
-    """The alpha of ``grid`` with the smallest :func:`output_error`, and every alpha's error.
+    """The alpha of ``grid`` with the smallest output error, and the error of every alpha scored.
 
     Args:
         terms: the consumers to score, each with its own (unsmoothed) input sample and abs-max over all data.
+            Terms with the same ``sample`` object and column map share one activation quantization.
         scales_for: alpha -> per-producer-channel smoothing scales (exactly those convert would fold).
         grid: candidate alphas.
         quant: the deployed quantizer.
+        max_rows: rows scored per alpha (None: all of the sample).
+        exhaustive: score every alpha of the grid on every row (the reference for the fast search).
+
+    Returns:
+        ``(best, errors)``: ties go to the alpha nearest the paper's default 0.5; ``errors`` holds every scored
+        alpha (all of ``grid`` when exhaustive; always the grid point nearest 0.5).
     """
-    terms = [Term(t.sample.float(), t.act_absmax.float(), t.weight.float(), t.channel_map) for t in terms]
-    refs = [t.sample @ t.weight.T for t in terms]
-    errors = {a: output_error(terms, refs, scales_for(a), quant) for a in grid}
-    best = min(grid, key=lambda a: (errors[a], abs(a - 0.5)))  # ties: the alpha nearest the paper's default
+    inputs: dict[tuple[int, tuple[int, ...] | None], _Input] = {}
+    for t in terms:
+        key = (id(t.sample), t.channel_map)
+        if key not in inputs:
+            inputs[key] = _Input(t, None if exhaustive else max_rows)
+        inputs[key].add(t)
+    errors: dict[float, float] = {}
+
+    def error(a: float) -> float:
+        if a not in errors:
+            scales = scales_for(a)
+            errors[a] = sum(inp.error(scales, quant) for inp in inputs.values())
+        return errors[a]
+
+    points = sorted({float(a) for a in grid})
+    if exhaustive or len(points) <= 7:
+        for a in points:
+            error(a)
+    else:
+        _coarse_to_fine(points, error)
+    finite = [a for a in errors if math.isfinite(errors[a])] or list(errors)
+    best = min(finite, key=lambda a: (errors[a], abs(a - 0.5)))  # ties: the alpha nearest the paper's default
     return best, errors

@@ -1,0 +1,79 @@
+"""The sampled observer: a uniform reservoir independent of batching, shared by readers of one tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+
+
+def _batches(seed: int = 0, n: int = 6, rows: int = 40, channels: int = 8) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, rows // 2, channels, generator=gen) for _ in range(n)]
+
+
+def _reference_sample(batches: list[torch.Tensor], max_rows: int, seed: int = 0) -> torch.Tensor:
+    """The rows with the ``max_rows`` largest keys over everything seen (keys drawn as the observer draws them)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches])
+    keys = torch.cat([torch.rand(b.numel() // b.shape[-1], generator=gen) for b in batches])
+    return rows[torch.topk(keys, max_rows).indices]
+
+
+def _as_set(t: torch.Tensor) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, t.tolist()))
+
+
+def test_reservoir_keeps_the_rows_with_the_largest_keys_and_the_absmax():
+    batches = _batches()
+    obs = SampledChannelObserver(8, 50)
+    for b in batches:
+        obs.observe(b)
+    assert obs.rows_sample.shape == (50, 8) and obs.rows == 240 and obs.calls == 6
+    assert _as_set(obs.rows_sample) == _as_set(_reference_sample(batches, 50))
+    assert torch.equal(obs.absmax, torch.cat(batches).abs().amax(dim=(0, 1)))
+
+
+def test_readers_of_one_tensor_share_one_sample_equal_to_their_own():
+    batches = _batches(1)
+    q, k, v = (SampledChannelObserver(8, 50) for _ in range(3))
+    alone = SampledChannelObserver(8, 50)
+    for b in batches:
+        for obs in (q, k, v):
+            obs.observe(b)  # the same tensor object, as q/k/v_proj's pre-hooks see it
+        alone.observe(b.clone())
+    assert q.rows_sample is k.rows_sample is v.rows_sample  # one copy in memory
+    assert torch.equal(q.rows_sample, alone.rows_sample) and torch.equal(q.absmax, alone.absmax)
+    assert q.absmax is not k.absmax and k.calls == alone.calls == 6
+
+
+def test_sharing_stops_when_the_streams_differ():
+    batches = _batches(2)
+    a, b = SampledChannelObserver(8, 30), SampledChannelObserver(8, 30)
+    for x in batches[:3]:
+        a.observe(x)
+        b.observe(x)
+    other = batches[3] * 2
+    a.observe(batches[3])
+    b.observe(other)  # a different tensor: b must compute its own state from here on
+    for x in batches[4:]:
+        a.observe(x)
+        b.observe(x)
+    assert _as_set(a.rows_sample) == _as_set(_reference_sample(batches, 30))
+    assert _as_set(b.rows_sample) == _as_set(_reference_sample(batches[:3] + [other] + batches[4:], 30))
+
+
+def test_modified_tensor_is_not_mistaken_for_the_same_data():
+    x = _batches(3, n=1)[0]
+    a, b = SampledChannelObserver(8, 100), SampledChannelObserver(8, 100)
+    a.observe(x)
+    x.mul_(3)  # in place: same object, new version
+    b.observe(x)
+    assert torch.equal(b.absmax, x.abs().amax(dim=(0, 1))) and not torch.equal(a.absmax, b.absmax)
+
+
+def test_sample_keeps_the_input_dtype():
+    obs = SampledChannelObserver(8, 16)
+    for b in _batches(4):
+        obs.observe(b.to(torch.bfloat16))
+    assert obs.rows_sample.dtype == torch.bfloat16 and obs.absmax.dtype == torch.float32
