@@ -231,7 +231,8 @@ def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
         del model
         samples.clear()
         base = _live_tensor_bytes()
-        quantize_checkpoint(src, EXPORTABLE, _batches("llama"), tmp_path / f"out{layers}",
+        config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", act_range="mse")
+        quantize_checkpoint(src, config, _batches("llama"), tmp_path / f"out{layers}",
                             on_block=lambda i: samples.append(_live_tensor_bytes()))
         peaks[layers] = max(samples) - base
     block = (weights[8] - weights[2]) // 6

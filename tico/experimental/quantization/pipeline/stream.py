@@ -43,7 +43,7 @@ from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.pipeline.capture import BlockCall, capture_block_inputs, model_inputs, to_device
 from tico.experimental.quantization.pipeline.checkpoint import Checkpoint, find_blocks, resolve_checkpoint
 from tico.experimental.quantization.pipeline.units import BlockShell, BlockStub, names_of, scoped_config
-from tico.experimental.quantization.public_interface import convert, prepare
+from tico.experimental.quantization.public_interface import convert, get_quantizer, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class StreamResult:
     blocks: int
     capture_s: float = 0.0
     block_s: list[float] = field(default_factory=list)  # load + calibrate + convert + propagate + write
+    phases: list[dict[str, float]] = field(default_factory=list)  # per block: seconds per phase
     rest_s: float = 0.0
     total_s: float = 0.0
     reports: dict[str, Any] = field(default_factory=dict)  # unit name -> the quantizer's report/plan summary
@@ -87,14 +88,6 @@ def _check_names(config: BaseConfig, model: nn.Module) -> None:
 
 def _hidden_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _report_of(model: nn.Module) -> str:
-    from tico.experimental.quantization.public_interface import get_quantizer
-
-    q = get_quantizer(model)
-    report = getattr(q, "report", None) or getattr(q, "plan", None)
-    return report.summary() if report is not None else ""
 
 
 class _Output:
@@ -218,9 +211,11 @@ def quantize_checkpoint(
         try:
             for i in range(n_blocks):
                 t0 = time.perf_counter()
+                phases: dict[str, float] = {}
                 hidden, returns_tuple, summary = _process_block(
-                    ckpt, config, blocks_path, i, block_keys[i], hidden, calls[i], device, propagate, out, state_names
+                    ckpt, config, blocks_path, i, block_keys[i], hidden, calls[i], device, propagate, out, state_names, phases
                 )
+                result.phases.append(phases)
                 block_list[i] = BlockStub(returns_tuple)
                 calls[i] = []
                 result.reports[f"{blocks_path}.{i}"] = summary
@@ -280,12 +275,15 @@ def _release_rest(model: nn.Module, blocks_path: str) -> None:
 def _process_block(
     ckpt: Checkpoint, config: BaseConfig, blocks_path: str, i: int, keys: list[str], hidden: list[torch.Tensor],
     calls: list[BlockCall], device: torch.device, propagate: Propagate, out: _Output, state_names: list[str],
+    phases: dict[str, float],
 ) -> tuple[list[torch.Tensor], bool, str]:
-    """Load -> prepare -> calibrate -> convert -> propagate -> write -> free one block."""
+    """Load -> prepare -> calibrate -> convert -> propagate -> write -> free one block (``phases``: seconds)."""
+    clock = _Clock(phases, device)
     block_path = f"{blocks_path}.{i}"
     block = ckpt.model.get_submodule(block_path)
     ckpt.load(keys, [n for n in state_names if n.startswith(block_path + ".")])
     block.to(device)
+    clock("load")
     shell = BlockShell(blocks_path, i, block)
     prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(hidden[0], *calls[0].args),
             kwargs=calls[0].kwargs if calls[0].hidden_key is None else {**calls[0].kwargs, calls[0].hidden_key: hidden[0]})
@@ -294,13 +292,31 @@ def _process_block(
         o = call(shell, h)
         returns_tuple = isinstance(o, (tuple, list))
         outputs.append(_hidden_of(o).detach())
+    clock("calibrate")
     convert(shell)
+    clock("convert")
     if propagate == "quantized":
         outputs = [_hidden_of(call(shell, h)).detach() for h, call in zip(hidden, calls)]
+    clock("propagate")
     summary = _summary_or_empty(shell)
     out.add(shell)
     Checkpoint.release(block)
+    clock("write")
     return outputs, returns_tuple, summary
+
+
+class _Clock:
+    """Records the seconds since the previous call under a phase name (synchronising CUDA first)."""
+
+    def __init__(self, phases: dict[str, float], device: torch.device) -> None:
+        self.phases, self.device, self.last = phases, device, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _summary_or_empty(unit: nn.Module) -> str:
@@ -317,7 +333,9 @@ def _process_rest(
     last: BlockStub = block_list[len(block_list) - 1]  # type: ignore[assignment]
     scoped = scoped_config(config, None, blocks_path, model)
     prepare(model, scoped)
-    for batch, h in zip(batches, hidden):
+    quantizer = get_quantizer(model)
+    idle = getattr(quantizer, "observers", None) == {} and not getattr(quantizer, "attention_modules", None)
+    for batch, h in zip([] if idle else batches, hidden):  # nothing observes: no forward (LM head logits) needed
         last.feed = h
         inputs = model_inputs(model, batch)
         model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
