@@ -59,3 +59,69 @@ def test_smoothing_inside_the_quantizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="smooth_in_quantizer=False"):
         save_compressed(model, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_sharded_checkpoint_loads_back_with_both_loaders(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model, ids = _w8a8("static")
+    out = tmp_path / "sharded"
+    save_compressed(model, out, max_shard_size="20KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(shards)
+    assert not (out / "model.safetensors").exists()
+    loaded = load_compressed(out)
+    loaded.set_attn_implementation(model.config._attn_implementation)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    decompressed = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    name = "model.layers.0.mlp.down_proj"
+    state = model.get_submodule(name).quantization_state()
+    assert torch.equal(decompressed.get_submodule(name).weight.float(), state["weight"].float() * state["weight_scale"].float())
+
+
+def test_config_is_validated_by_compressed_tensors(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+
+    model, _ = _w8a8("dynamic")
+    save_compressed(model, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(raw)
+    assert parsed.config_groups["group_0"].weights.strategy == "channel"
+
+
+def test_bf16_model_gets_bf16_scales_and_readable_files(tmp_path):
+    import os
+    import stat
+
+    from safetensors import safe_open
+
+    ids = input_ids("llama", batch=2, seq=8)
+    model = prepare(build_model("llama", dtype=torch.bfloat16), W8A8Config(activations="static"))
+    with torch.no_grad():
+        model(ids)
+    convert(model)
+    out = tmp_path / "bf16"
+    save_compressed(model, out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.down_proj.input_scale").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.int8
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["bf16"]  # no staging folder left
+
+
+def test_refusal_writes_nothing_and_a_non_empty_output_is_refused(tmp_path):
+    model, _ = _w8a8("dynamic")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        save_compressed(model, tmp_path / "x")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]

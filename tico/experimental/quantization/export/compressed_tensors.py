@@ -1,117 +1,153 @@
-"""Save a W8A8 model as a compressed-tensors checkpoint (the int8 W8A8 format vLLM serves).
+"""Save a W8A8 model as a compressed-tensors checkpoint (the int8 W8A8 format vLLM serves), and load one back.
 
 Layout: every :class:`W8A8Linear` becomes ``<name>.weight`` (int8 ``[out, in]``), ``<name>.weight_scale``
-(``[out, 1]`` per channel or ``[1]`` per tensor) and, for static activations, ``<name>.input_scale``;
-everything else is saved as in ``save_pretrained``. ``config.json`` gets the ``quantization_config`` block
-(``quant_method: compressed-tensors``, format ``int-quantized``). Smoothing that lives inside an activation
-quantizer (``smooth_in_quantizer=True``) has no place in that format, so such models are refused: fold the
-smoothing into producers instead (``linear_producers=True``) or keep those layers in float.
+(``[out, 1]`` per channel or ``[1]`` per tensor, in the model's float dtype) and, for static activations,
+``<name>.input_scale``; everything else is saved as in ``save_pretrained``. ``config.json`` gets the
+``quantization_config`` block, built with compressed-tensors' own ``QuantizationConfig`` /
+``QuantizationScheme`` / ``QuantizationArgs`` classes (they validate it and follow the format's changes).
+Weights go into sharded safetensors with an index, like transformers (see :mod:`.shards`).
+
+What the format cannot hold is refused before anything is written: smoothing inside an activation quantizer
+(``smooth_in_quantizer=True``), input rotations, int8 embeddings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, read_tensors, safetensors_files
 from tico.experimental.quantization.nn.embedding import Int8Embedding
 from tico.experimental.quantization.nn.linear import W8A8Linear
 
+logger = logging.getLogger(__name__)
 
-def _scheme(layer: W8A8Linear) -> tuple[str, str, bool]:
+Scheme = tuple[str, str, bool]  # (weight strategy, activation strategy, dynamic activations)
+
+
+def layer_scheme(layer: W8A8Linear) -> Scheme:
+    """The compressed-tensors strategies of one layer."""
     state = layer.quantization_state()
     strategy = "channel" if state["weight_granularity"] == "per_channel" else "tensor"
     acts = "token" if state["dynamic"] else "tensor"
-    return strategy, acts, state["dynamic"]
+    return strategy, acts, bool(state["dynamic"])
+
+
+def build_quantization_config(schemes: dict[str, Scheme], ignore: Iterable[str]) -> dict[str, Any]:
+    """``quantization_config`` for ``config.json`` from ``{layer name: scheme}`` (one group per scheme)."""
+    from compressed_tensors import CompressionFormat
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    groups: dict[Scheme, list[str]] = {}
+    for name, scheme in schemes.items():
+        groups.setdefault(scheme, []).append(name)
+    config_groups = {}
+    for i, ((strategy, acts, dynamic), names) in enumerate(groups.items()):
+        config_groups[f"group_{i}"] = QuantizationScheme(
+            targets=["Linear"] if len(groups) == 1 else [f"re:^{n}$" for n in names],
+            weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=strategy, dynamic=False),
+            input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=acts, dynamic=dynamic),
+        )
+    config = QuantizationConfig(
+        config_groups=config_groups,
+        format=CompressionFormat.int_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=list(ignore),
+    )
+    return config.model_dump(mode="json", exclude_none=True)
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
-    """The ``quantization_config`` block for ``config.json`` (one config group per distinct scheme)."""
-    groups: dict[tuple[str, str, bool], list[str]] = {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
-    for name, layer in layers.items():
-        groups.setdefault(_scheme(layer), []).append(name)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, W8A8Linear)]
-    config_groups = {}
-    for i, ((strategy, acts, dynamic), names) in enumerate(groups.items()):
-        config_groups[f"group_{i}"] = {
-            "targets": ["Linear"] if len(groups) == 1 else [f"re:^{n}$" for n in names],
-            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": acts, "dynamic": dynamic},
-        }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": config_groups,
-        "ignore": ignore,
-    }
+    """The ``quantization_config`` block of ``model`` (its W8A8Linear layers; other Linears are ignored)."""
+    schemes = {n: layer_scheme(m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    return build_quantization_config(schemes, float_linears(model))
 
 
-def save_compressed(model: nn.Module, output_dir: str | Path) -> Path:
-    """Write ``model`` (after ``convert`` with a ``W8A8Config``) as a compressed-tensors checkpoint."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
+def float_linears(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the ``nn.Linear`` layers that stay in float (compressed-tensors' ``ignore`` list)."""
+    return [prefix + n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, W8A8Linear)]
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse, naming the layers, what compressed-tensors' int8 format has no place for."""
+    where = type(model).__name__
     if any(isinstance(m, Int8Embedding) for m in model.modules()):
-        raise ValueError("compressed-tensors export of int8 embeddings is not supported; quantize with quantize_embeddings=False")
+        raise ValueError(f"{where}: compressed-tensors export of int8 embeddings is not supported; quantize with quantize_embeddings=False")
     rotated = [n for n, m in model.named_modules() if hasattr(m, "rotation") and isinstance(getattr(m, "inner", None), W8A8Linear)]
     if rotated:
-        raise ValueError(
-            f"compressed-tensors has no place for input rotations ({rotated[:3]}...); quantize without "
-            "W8A8Config.rotate to export"
-        )
-    inner = [n for n, m in layers.items() if m.quantization_state()["smooth_scale"] is not None]
+        raise ValueError(f"{where}: compressed-tensors has no place for input rotations ({rotated[:3]}...); quantize without W8A8Config.rotate to export")
+    inner = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.quantization_state()["smooth_scale"] is not None]
     if inner:
         raise ValueError(
-            f"compressed-tensors has no place for smoothing inside the activation quantizer ({inner[:3]}...); "
+            f"{where}: compressed-tensors has no place for smoothing inside the activation quantizer ({inner[:3]}...); "
             "quantize with smooth_in_quantizer=False to export"
         )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``model``'s checkpoint tensors in the compressed-tensors layout (scales in ``dtype``).
+
+    A parameter shared by several names (a tied LM head) is written once, under its first name, as
+    ``save_pretrained`` does.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     tensors: dict[str, torch.Tensor] = {}
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for name, value in model.state_dict().items():
-        owner, _, leaf = name.rpartition(".")
+    seen: set[int] = set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        owner = name.rpartition(".")[0]
         if owner in layers:
             continue
-        tensors[name] = value
+        if id(value) in seen:  # tied: saved under its first name only
+            continue
+        seen.add(id(value))
+        tensors[prefix + name] = value.detach()
     for name, layer in layers.items():
         state = layer.quantization_state()
-        tensors[f"{name}.weight"] = state["weight"].to(torch.int8)
-        tensors[f"{name}.weight_scale"] = state["weight_scale"].to(dtype)
+        tensors[f"{prefix}{name}.weight"] = state["weight"].to(torch.int8)
+        tensors[f"{prefix}{name}.weight_scale"] = state["weight_scale"].to(dtype)
         if state["bias"] is not None:
-            tensors[f"{name}.bias"] = state["bias"]
+            tensors[f"{prefix}{name}.bias"] = state["bias"]
         if state["input_scale"] is not None:
-            tensors[f"{name}.input_scale"] = state["input_scale"].to(dtype)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if tied and head is not None:  # the head is the embedding: save it once, as save_pretrained does
-        for n, m in model.named_modules():
-            if m is head:
-                tensors.pop(f"{n}.weight", None)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+            tensors[f"{prefix}{name}.input_scale"] = state["input_scale"].to(dtype)
+    return tensors
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def save_compressed(model: nn.Module, output_dir: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write ``model`` (after ``convert`` with a ``W8A8Config``) as a compressed-tensors checkpoint.
+
+    ``output_dir`` must not exist or be empty; it appears only when complete (written beside it, then renamed).
+    Shards hold at most ``max_shard_size`` (bytes or e.g. ``"2GB"``). The tokenizer is the caller's to save.
+    """
+    if not any(isinstance(m, W8A8Linear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
+    check_exportable(model)
+    qconfig = quantization_config(model)
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(model)
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    config["quantization_config"] = qconfig
     generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out)
-    return out
+    with ShardWriter(output_dir, max_shard_size) as writer:
+        writer.add_all(compressed_tensors_of(model, _model_dtype(model)))
+        writer.write_file("config.json", lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"))
+        if generation is not None:
+            writer.write_file("generation_config.json", lambda p: generation.save_pretrained(p.parent))
+        return writer.publish()
 
 
 def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
-    """Load a compressed-tensors int8 W8A8 checkpoint into this library's :class:`W8A8Linear` layers.
+    """Load a compressed-tensors int8 W8A8 checkpoint (one file or sharded) into :class:`W8A8Linear` layers.
 
-    Reads ``config.json`` and ``model.safetensors`` only (no unpickling). The model class comes from the
-    config's ``architectures`` through ``AutoModelForCausalLM``.
+    Reads ``config.json`` and safetensors only (no unpickling). The model class comes from the config's
+    ``architectures`` through ``AutoModelForCausalLM``.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -121,7 +157,7 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
         raise ValueError(f"{path / 'config.json'} has no compressed-tensors quantization_config")
     config = AutoConfig.for_model(**raw)
     model = AutoModelForCausalLM.from_config(config).eval()
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = dict(read_tensors(safetensors_files(path)))
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and tensors.get(f"{name}.weight", torch.empty(0)).dtype == torch.int8:
             scale = tensors[f"{name}.weight_scale"]
@@ -135,7 +171,7 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-    state = {k: v for k, v in tensors.items()}
+    state = dict(tensors)
     for name, module in model.named_modules():
         if isinstance(module, W8A8Linear) and f"{name}.input_scale" in state:
             state[f"{name}.act_scale"] = state.pop(f"{name}.input_scale").reshape(()).float()

@@ -1,0 +1,240 @@
+"""Streaming quantization: bit-identical to the in-memory prepare/convert (float propagation), bounded memory,
+nothing left behind on failure, sharded output readable by both loaders, pickle-only checkpoints refused."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tico.experimental.quantization import convert, prepare
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
+from tico.experimental.quantization.export.shards import read_tensors, safetensors_files
+from tico.experimental.quantization.nn.linear import W8A8Linear
+from tico.experimental.quantization.pipeline import quantize_checkpoint
+from zoo import ARCHITECTURES, build_model, input_ids
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+EXPORTABLE = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations="static", act_range="mse")
+
+
+def _batches(key: str, n: int = 3) -> list[torch.Tensor]:
+    return [input_ids(key, batch=2, seq=16, seed=s) for s in range(n)]
+
+
+def _save(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def _in_memory(src: Path, config, batches, out: Path) -> None:
+    model = prepare(AutoModelForCausalLM.from_pretrained(src), config)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    convert(model)
+    if isinstance(config, W8A8Config):
+        save_compressed(model, out)
+    else:
+        model.save_pretrained(out)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return dict(read_tensors(safetensors_files(folder)))
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+    assert not differ, differ[:5]
+
+
+def _post_ln_opt():
+    spec = ARCHITECTURES["opt"]
+    config = spec.config_cls(**{**spec.config_kwargs, "do_layer_norm_before": False})
+    torch.manual_seed(0)
+    return spec.model_cls._from_config(config, dtype=torch.float32).eval()
+
+
+# llama: GQA (4 heads, 2 KV heads); gpt2: tied embeddings + Conv1D; gemma3: per-layer masks and rotary tables;
+# qwen3_moe: fused 3-D experts (checkpoint holds per-expert tensors); opt post-LN; bloom: tuple-returning blocks.
+IDENTITY = ["llama", "gpt2", "gemma3", "qwen3_moe", "bloom", "opt_post_ln"]
+
+
+@pytest.mark.parametrize("key", IDENTITY)
+def test_w8a8_streamed_with_float_propagation_is_bit_identical_to_in_memory(key, tmp_path):
+    model = _post_ln_opt() if key == "opt_post_ln" else build_model(key)
+    arch = "opt" if key == "opt_post_ln" else key
+    src = _save(model, tmp_path / "src")
+    batches = _batches(arch)
+    result = quantize_checkpoint(src, EXPORTABLE, batches, tmp_path / "stream", propagate="float")
+    _in_memory(src, EXPORTABLE, batches, tmp_path / "mem")
+    _assert_identical(tmp_path / "stream", tmp_path / "mem")
+    q_stream = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]
+    q_mem = json.loads((tmp_path / "mem" / "config.json").read_text())["quantization_config"]
+    assert q_stream == q_mem
+    assert result.blocks == model.config.num_hidden_layers and len(result.block_s) == result.blocks
+
+
+@pytest.mark.parametrize("key", ["llama", "qwen3_moe", "gpt2"])
+def test_smoothquant_streamed_is_bit_identical_to_save_pretrained(key, tmp_path):
+    src = _save(build_model(key), tmp_path / "src")
+    batches = _batches(key)
+    config = SmoothQuantConfig(alpha=0.5, linear_producers=True)
+    quantize_checkpoint(src, config, batches, tmp_path / "stream", propagate="float")
+    _in_memory(src, config, batches, tmp_path / "mem")
+    _assert_identical(tmp_path / "stream", tmp_path / "mem")  # per-expert keys, as save_pretrained writes them
+    smoothed = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    original = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():  # smoothing is exact in float: same logits up to rounding
+        torch.testing.assert_close(smoothed(batches[0]).logits, original(batches[0]).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_propagation_calibrates_later_blocks_on_quantized_inputs(device, tmp_path):
+    src = _save(build_model("llama"), tmp_path / "src")
+    batches = _batches("llama")
+    config = W8A8Config(activations="static", act_range="absmax", backend="fake")
+    quantize_checkpoint(src, config, batches, tmp_path / "q", device=device)
+    quantize_checkpoint(src, config, batches, tmp_path / "f", device=device, propagate="float")
+    tq, tf = _tensors(tmp_path / "q"), _tensors(tmp_path / "f")
+    assert torch.equal(tq["model.layers.0.self_attn.q_proj.input_scale"], tf["model.layers.0.self_attn.q_proj.input_scale"])
+    later = [k for k in tq if k.endswith("input_scale") and k.startswith("model.layers.1.")]
+    assert any(not torch.equal(tq[k], tf[k]) for k in later)  # block 1 saw block 0's quantized outputs
+
+
+def test_sharded_output_loads_with_load_compressed_and_from_pretrained(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import CompressedTensorsConfig
+
+    src = _save(build_model("llama"), tmp_path / "src")
+    batches = _batches("llama")
+    out = tmp_path / "out"
+    quantize_checkpoint(src, EXPORTABLE, batches, out, max_shard_size="16KB", progress=True)
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert (out / "generation_config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in out.iterdir())
+    ours = load_compressed(out, backend="fake")
+    assert sum(isinstance(m, W8A8Linear) for m in ours.modules()) == 14  # 7 per block, LM head in float
+    decompressed = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(src)(batches[0]).logits
+        for model in (ours, decompressed):
+            logits = model(batches[0]).logits
+            assert torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0) > 0.99
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path):
+    src = _save(build_model("llama"), tmp_path / "src")
+
+    def fail(index: int) -> None:
+        if index == 0:
+            raise KeyboardInterrupt  # as Ctrl-C would, after the first block was written
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, EXPORTABLE, _batches("llama"), tmp_path / "out", on_block=fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_pickle_only_checkpoint_is_refused_with_the_reason(tmp_path):
+    model = build_model("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"refused on purpose.*unpickling runs arbitrary code.*save_pretrained"):
+        quantize_checkpoint(tmp_path, EXPORTABLE, _batches("llama"), tmp_path.parent / "out")
+    assert not (tmp_path.parent / "out").exists()
+
+
+def test_configs_the_format_cannot_hold_are_refused_before_reading(tmp_path):
+    with pytest.raises(ValueError, match="rotate.*output_dir=None"):
+        quantize_checkpoint(tmp_path, W8A8Config(rotate=("all",)), [torch.zeros(1, 4, dtype=torch.long)], tmp_path / "o")
+
+
+def test_unknown_module_names_in_the_config_are_refused(tmp_path):
+    src = _save(build_model("llama"), tmp_path / "src")
+    with pytest.raises(ValueError, match="model.layers.7"):
+        quantize_checkpoint(src, W8A8Config(ignore=("model.layers.7",)), _batches("llama"), tmp_path / "o")
+
+
+def test_config_names_apply_to_their_block_only(tmp_path):
+    src = _save(build_model("llama"), tmp_path / "src")
+    batches = _batches("llama")
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5, custom_alpha_map={"model.layers.1.mlp": 0.8}),
+                        ignore=("model.layers.0.mlp.down_proj",))
+    quantize_checkpoint(src, config, batches, tmp_path / "stream", propagate="float")
+    _in_memory(src, config, batches, tmp_path / "mem")
+    _assert_identical(tmp_path / "stream", tmp_path / "mem")
+    ignore = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.0.mlp.down_proj" in ignore
+
+
+def test_bf16_checkpoint_stays_bf16(tmp_path):
+    src = _save(build_model("llama", dtype=torch.bfloat16), tmp_path / "src")
+    quantize_checkpoint(src, W8A8Config(activations="static"), _batches("llama"), tmp_path / "out")
+    tensors = _tensors(tmp_path / "out")
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert tensors["model.norm.weight"].dtype == torch.bfloat16
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of every live CPU tensor storage in the process (deduplicated)."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                storage = obj.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 - some objects refuse isinstance/attribute access
+            continue
+    return sum(seen.values())
+
+
+def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
+    """Live tensor bytes while each block is converted (block loaded, statistics held) and after it is written:
+    the same for 2 or 8 layers, although the weights grow 4x. Counted bytes, not timings or RSS."""
+    import tico.experimental.quantization.pipeline.stream as stream
+
+    spec = ARCHITECTURES["llama"]
+    samples: list[int] = []
+    real_convert = stream.convert
+
+    def convert_and_measure(module, *args, **kwargs):
+        samples.append(_live_tensor_bytes())
+        return real_convert(module, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "convert", convert_and_measure)
+    peaks, weights = {}, {}
+    for layers in (2, 8):
+        config = spec.config_cls(**{**spec.config_kwargs, "hidden_size": 256, "intermediate_size": 1024,
+                                    "num_hidden_layers": layers, "tie_word_embeddings": True})
+        torch.manual_seed(0)
+        model = spec.model_cls._from_config(config, dtype=torch.float32).eval()
+        weights[layers] = sum(p.numel() * 4 for p in model.parameters())
+        src = _save(model, tmp_path / f"src{layers}")
+        del model
+        samples.clear()
+        base = _live_tensor_bytes()
+        config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", act_range="mse")
+        quantize_checkpoint(src, config, _batches("llama"), tmp_path / f"out{layers}",
+                            on_block=lambda i: samples.append(_live_tensor_bytes()))
+        peaks[layers] = max(samples) - base
+    block = (weights[8] - weights[2]) // 6
+    assert weights[8] > 3 * weights[2] and peaks[2] > block  # a block is really held while it is converted
+    assert peaks[8] < peaks[2] + block // 4, (peaks, block)

@@ -1,0 +1,219 @@
+"""Sharded safetensors checkpoints, written tensor by tensor and published atomically.
+
+Why a writer of our own: ``safetensors.torch.save_file`` needs every tensor of a file in memory at once, so a
+5 GB shard would cost 5 GB of RAM. :class:`ShardWriter` appends each tensor's bytes to a data file as it
+arrives and, when a shard is full, writes the small JSON header and copies the data behind it in chunks, so
+memory holds one tensor whatever the shard size. The layout is transformers': ``model.safetensors`` when one
+shard suffices, else ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
+(``metadata.total_size``, ``weight_map``).
+
+Everything is written into a staging folder beside the output (``.<name>.partial-<pid>``) and renamed into
+place by :meth:`ShardWriter.publish`; an exception or Ctrl-C before that removes the staging folder, so an
+output folder exists only when complete. Folder and files get the permissions ``save_pretrained`` would give
+(``0777``/``0666`` minus the umask), not ``mkdtemp``'s ``0700``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # transformers' usual 5GB shards
+
+_DTYPES = {  # torch dtype -> safetensors dtype string
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB``/``500MiB``/an int of bytes -> bytes (transformers' ``max_shard_size`` spellings)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(size).upper())
+        if not match:
+            raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '500MiB', got {size!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class ShardWriter:
+    """Writes tensors into size-bounded safetensors shards inside a staging folder, then publishes it.
+
+    Use as a context manager: leaving the ``with`` block by an exception removes everything written.
+    ``publish()`` (inside the block) finishes the last shard, writes the index and renames the staging folder
+    to ``output_dir``, which must not exist or be an empty folder.
+    """
+
+    def __init__(self, output_dir: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and (not self.output_dir.is_dir() or any(self.output_dir.iterdir())):
+            raise FileExistsError(f"{self.output_dir} exists and is not an empty folder: choose a new output folder")
+        self.max_shard_size = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.staging = self.output_dir.parent / f".{self.output_dir.name}.partial-{os.getpid()}"
+        self._shards: list[dict[str, dict]] = []  # per shard: name -> {dtype, shape, data_offsets}
+        self._data = None  # open data file of the current shard
+        self._size = 0
+        self.total_size = 0
+        self._published = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def __enter__(self) -> "ShardWriter":
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(mode=0o777 & ~_umask())
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if not self._published:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            logger.info("no output written to %s (interrupted before completion)", self.output_dir)
+
+    # -- tensors -------------------------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (moved to CPU, made contiguous); a new shard starts when this one would overflow."""
+        if any(name in shard for shard in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._data is None or (self._size > 0 and self._size + nbytes > self.max_shard_size):
+            self._close_shard()
+            self._shards.append({})
+            self._data = open(self.staging / f"shard-{len(self._shards)}.data", "wb")
+            self._size = 0
+        if nbytes:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._shards[-1][name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self._size, self._size + nbytes]}
+        self._size += nbytes
+        self.total_size += nbytes
+
+    def add_all(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.add(name, tensor)
+
+    def _close_shard(self) -> None:
+        """Header + data -> ``shard-k.safetensors`` (the data is copied in chunks, never held in memory)."""
+        if self._data is None:
+            return
+        self._data.close()
+        self._data = None
+        k = len(self._shards)
+        header = dict(self._shards[-1])
+        header["__metadata__"] = self.metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        data_path = self.staging / f"shard-{k}.data"
+        with open(self.staging / f"shard-{k}.safetensors", "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        data_path.unlink()
+
+    # -- publishing ----------------------------------------------------------------------------------------
+    def write_file(self, name: str, write: Callable[[Path], None]) -> None:
+        """Let ``write(path)`` create one more file (config.json, ...) inside the staging folder."""
+        write(self.staging / name)
+
+    def publish(self) -> Path:
+        """Finish the last shard, name the shards, write the index and rename the folder into place."""
+        self._close_shard()
+        n = len(self._shards)
+        if n == 0:
+            raise ValueError(f"{self.output_dir}: no tensor was written")
+        weight_map: dict[str, str] = {}
+        for k, shard in enumerate(self._shards, start=1):
+            final = SINGLE_NAME if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(self.staging / f"shard-{k}.safetensors", self.staging / final)
+            weight_map.update({name: final for name in shard})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        mode = 0o666 & ~_umask()
+        for path in self.staging.iterdir():
+            if path.is_file():
+                path.chmod(mode)
+        if self.output_dir.exists():  # an empty folder (checked in __init__)
+            self.output_dir.rmdir()
+        os.replace(self.staging, self.output_dir)
+        self._published = True
+        logger.info("wrote %d shard(s), %.1f MB, to %s", n, self.total_size / 1e6, self.output_dir)
+        return self.output_dir
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+def safetensors_files(folder: str | Path) -> dict[str, Path]:
+    """``tensor name -> shard path`` of a (sharded or single-file) safetensors checkpoint folder.
+
+    A folder with only pickle weights (``pytorch_model.bin``) is refused on purpose: unpickling runs code.
+    """
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
+        files = {name: folder / file for name, file in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {missing[:3]}")
+        return files
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted(p.name for p in folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
+    if pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({pickles[0]}), which are refused on purpose: unpickling runs "
+            "arbitrary code. Convert it once in a trusted environment: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path_out, safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def read_tensors(files: dict[str, Path], names: list[str] | None = None, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for ``names`` (default: all), opening each shard once."""
+    from safetensors import safe_open
+
+    wanted = list(files) if names is None else names
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(files[name], []).append(name)
+    for path, group in by_file.items():
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            for name in group:
+                yield name, f.get_tensor(name)
