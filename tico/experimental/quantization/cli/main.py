@@ -48,8 +48,9 @@ mse for static scales, LM head kept in float. The chosen alphas, static ranges a
 at the end and written to tico_recipe.json (with the full config and the calibration tokens) next to the
 checkpoint; smoothquant_recipe.json holds the smoothing scales.
 
-expected time on a 2-core CPU: the 260K-parameter stories260K model with --samples 32 --seq-len 256,
-about 1 minute; time grows with model size x samples x seq-len (a 1B model: tens of minutes on CPU).
+expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) 5 to 10 minutes,
+most of it choosing the alphas (shown per group with the time remaining); time grows with model size x
+--samples x --seq-len. --alpha 0.5 skips the search.
 
 examples:
   tico-sq quantize --model ../shared/data/stories260K-hf \\
@@ -63,7 +64,8 @@ windows are disjoint, seq-len tokens each. A model written by tico-sq quantize r
 text calibrated it (tico_recipe.json); on the same text eval starts after them, so calibration tokens are
 never scored (--skip-tokens overrides; without that file eval says it cannot know and starts at token 0).
 
-expected time: stories260K, 16 windows of 256, a few seconds per model on a 2-core CPU.
+expected time on a 2-core CPU: the example, about 10 s of computing (a minute or more on a busy machine,
+mostly start-up and loading the models).
 
 example:
   tico-sq eval --model out/w8a8 --reference ../shared/data/stories260K-hf \\
@@ -75,7 +77,8 @@ the statistics are those of one calibration pass; "after" is the consumers' inpu
 scale, with the alpha that tico-sq quantize would use for --scheme (auto by default: searched per group).
 Plots: the groups with the largest max/median ratio, one PNG each, named after the group's producer.
 
-expected time: stories260K with the defaults, under a minute on a 2-core CPU (as quantize).
+expected time: as quantize with the same --samples and --seq-len (the same calibration and alpha search);
+the example takes a few minutes on a 2-core CPU.
 
 example:
   tico-sq report --model ../shared/data/stories260K-hf \\
@@ -86,9 +89,9 @@ DEMO_EPILOG = """\
 rows: float, then W8A8 dynamic and static, each naive (no smoothing) and with SmoothQuant (alpha auto);
 each row loads the model again, calibrates, converts and scores the windows after the calibration windows.
 
-expected time on a 2-core CPU: several minutes for the default model (five rows; each prints its own
-progress), about 1-2 minutes for stories260K with --seq-len 256. Fewer --samples or a smaller --seq-len is
-faster.
+expected time on a 2-core CPU: 4 to 18 minutes with the defaults (260-1053 s measured); five rows, each
+showing its own progress and printed as soon as it is done. Fewer --samples or a smaller --seq-len is faster
+(--samples 4 --eval-windows 2: under a minute).
 
 examples:
   tico-sq demo
