@@ -316,7 +316,7 @@ def test_quantize_defaults_are_the_best_exportable_recipe(tiny_model_dir, text_f
     assert config["smoothing"]["alpha"] == "auto" and config["smoothing"]["linear_producers"] is True
     printed = capsys.readouterr()
     # progress on stderr for every long step, and the outcome on stdout: alphas, ranges, what stayed float
-    for step in ("loading", "calibrating", "choosing alphas", "converting", "writing"):
+    for step in ("loading", "preparing", "calibrating", "converting", "writing"):
         assert step in printed.err, step
     assert "alphas: min" in printed.out and "static activation ranges" in printed.out and "float lm_head" in printed.out
 

@@ -25,9 +25,10 @@ def out(line: str = "") -> None:
 class ProgressDisplay:
     """A :data:`~tico.experimental.quantization.progress.ProgressCallback` that draws tqdm bars."""
 
-    def __init__(self, tick_seconds: float = 1.0) -> None:
+    def __init__(self, tick_seconds: float | None = None) -> None:
         self.bars: dict[str, Any] = {}
-        self.tick_seconds = tick_seconds
+        # A terminal redraws one line in place every second; a log file (CI) gets a line every 30 s instead.
+        self.tick_seconds = tick_seconds if tick_seconds is not None else 1.0 if sys.stderr.isatty() else 30.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None

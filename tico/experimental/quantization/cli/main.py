@@ -49,8 +49,8 @@ at the end and written to tico_recipe.json (with the full config and the calibra
 checkpoint; smoothquant_recipe.json holds the smoothing scales.
 
 expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) 5 to 10 minutes,
-most of it choosing the alphas (shown per group with the time remaining); time grows with model size x
---samples x --seq-len. --alpha 0.5 skips the search.
+most of it converting, where --alpha auto searches each group's alpha (its elapsed time ticks on stderr);
+time grows with model size x --samples x --seq-len. A fixed --alpha such as 0.5 skips the search.
 
 examples:
   tico-sq quantize --model ../shared/data/stories260K-hf \\

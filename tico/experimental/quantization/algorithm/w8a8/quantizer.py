@@ -32,7 +32,6 @@ from tico.experimental.quantization.registry import register_quantizer
 from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.nn.qscheme import range_to_scale
-from tico.experimental.quantization.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ class W8A8Quantizer(BaseQuantizer):
             self.sq.convert(model)  # validates every group before folding anything
             self.report.alphas.update({g.producer: g.alpha for g in self.sq.plan.smoothed})  # type: ignore[misc]
         replacements: dict[str, nn.Module] = {}
-        for name in track(self.targets, "quantizing layers"):
+        for name in self.targets:
             obs = self.observers[name]
             module = model.get_submodule(name)
             act_absmax, sample = obs.absmax, obs.rows_sample  # of the unsmoothed input
@@ -265,7 +264,7 @@ class W8A8Quantizer(BaseQuantizer):
         """alpha="auto": per group, score every alpha of the grid on the consumers that will be quantized."""
         assert self.sq is not None
         params = dict(model.named_parameters(remove_duplicate=False))
-        for g in track(self.sq.plan.smoothed, "choosing alphas (per group)"):
+        for g in self.sq.plan.smoothed:
             terms = []
             for c in g.consumers:
                 obs = self.observers.get(c.module)
