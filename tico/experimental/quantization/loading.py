@@ -45,7 +45,7 @@ def load_text(dataset: str, config: str | None = None, split: str = "train", col
     from tico.experimental.quantization.evaluation.data import read_text
 
     path = Path(dataset).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".json", ".md") or path.exists() or dataset.startswith((".", "/", "~")):
+    if path.suffix in (".txt", ".jsonl", ".md") or path.exists() or dataset.startswith((".", "/", "~")):
         try:
             text = read_text(path)
         except (FileNotFoundError, ValueError) as exc:
