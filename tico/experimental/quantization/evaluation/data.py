@@ -30,15 +30,29 @@ logger = logging.getLogger(__name__)
 def read_text(path: str | os.PathLike[str]) -> str:
     """The UTF-8 contents of ``path``, unchanged (no stripping, no line joining).
 
-    Raises a :class:`FileNotFoundError` that names the resolved path, because a relative path that is
-    resolved against an unexpected working directory is the usual cause of a missing data file.
+    Every way a data file can be wrong gets its own message naming the file, because these are the first
+    errors a new user meets: a missing file names the resolved path (a relative path resolved against an
+    unexpected working directory is the usual cause), a folder says it is a folder, bytes that are not UTF-8
+    name the offset and how to convert, and a file with no text says it is empty (rather than "too short"
+    further down the line). Raises :class:`FileNotFoundError` for the first two and :class:`ValueError`
+    for the others.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise FileNotFoundError(f"text file {str(path)!r} is a folder (a directory), not a text file (resolved to {p.resolve()})")
     if not p.is_file():
-        where = p.resolve()
-        what = "is a directory, not a text file" if p.is_dir() else "does not exist"
-        raise FileNotFoundError(f"text file {str(path)!r} {what} (resolved to {where})")
-    return p.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist (resolved to {p.resolve()})")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"text file {str(path)!r} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty" + (" (only whitespace)" if text else ""))
+    return text
 
 
 def bos_token_id(tokenizer: Any) -> int | None:

@@ -2,12 +2,15 @@
 
 The statistics come from the SmoothQuant observers of one calibration pass: ``before`` is the per-channel
 abs-max of the input of a group's consumers, ``after`` is ``before / s`` (smoothing is exact, so the smoothed
-input is exactly ``x / s``).
+input is exactly ``x / s``). The plots therefore show the *consumers'* input (named in the title), with the
+alpha that smoothing used: with a W8A8 quantizer and ``alpha="auto"`` that is the searched alpha, exactly
+what ``tico-sq quantize`` would apply.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,14 @@ def _stats(absmax: torch.Tensor, top: int) -> dict[str, Any]:
         "top_channels": [int(c) for c in channels],
         "top_values": [float(v) for v in values],
     }
+
+
+def quantizer_report(quantizer: Any, top: int = 5) -> list[dict[str, Any]]:
+    """:func:`outlier_report` for a converted SmoothQuant quantizer, or the smoothing inside a W8A8 quantizer."""
+    sq = getattr(quantizer, "sq", None) or quantizer
+    if getattr(sq, "plan", None) is None:
+        raise ValueError("the quantizer did no smoothing (W8A8Config(smoothing=None)): there is nothing to report")
+    return outlier_report(sq.plan, sq.observers, top)
 
 
 def outlier_report(plan: SmoothingPlan, observers: dict[str, Any], top: int = 5) -> list[dict[str, Any]]:
@@ -53,9 +64,10 @@ def write_report(rows: list[dict[str, Any]], output: Path, plots: int = 4) -> st
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "outliers.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"{'group':60s} {'max/median before':>18s} {'after':>8s}  top channels before"]
+    lines = [f"{'group (producer of the consumers input)':50s} {'alpha':>6s} {'max/median before':>18s} {'after':>8s}  "
+             "top channels before"]
     for r in rows:
-        lines.append(f"{r['producer'][:60]:60s} {r['before']['max_over_median']:18.2f} "
+        lines.append(f"{r['producer'][:50]:50s} {r['alpha']:6.2f} {r['before']['max_over_median']:18.2f} "
                      f"{r['after']['max_over_median']:8.2f}  {r['before']['top_channels']}")
     if rows:
         worst = max(rows, key=lambda r: r["before"]["max_over_median"])
@@ -65,14 +77,43 @@ def write_report(rows: list[dict[str, Any]], output: Path, plots: int = 4) -> st
     (output / "summary.txt").write_text(summary + "\n")
     chosen = sorted(rows, key=lambda r: -r["before"]["max_over_median"])[:plots]
     for i, r in enumerate(chosen):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
-        for ax, key, title in ((axes[0], "absmax_before", "before smoothing"), (axes[1], "absmax_after", "after smoothing")):
-            ax.bar(range(len(r[key])), r[key], width=1.0, color="#c0392b" if key.endswith("before") else "#2471a3")
-            ax.set_title(title)
-            ax.set_xlabel("channel")
-        axes[0].set_ylabel("max |activation|")
-        fig.suptitle(f"{r['producer']} (alpha={r['alpha']:g})")
-        fig.tight_layout()
-        fig.savefig(output / f"outliers_{i:02d}.png", dpi=90)
-        plt.close(fig)
+        _plot_group(plt, r, output / f"outliers_{i:02d}_{_file_part(r['producer'])}.png")
     return summary
+
+
+def _file_part(name: str) -> str:
+    """A module name as a safe file-name part (``model.layers.0.input_layernorm`` stays readable)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def plot_title(r: dict[str, Any]) -> str:
+    """``input of <block>: q_proj, k_proj, v_proj  max/median 41.3x -> 2.5x  (from input_layernorm, alpha=0.85)``.
+
+    The bars show the consumers' input, so the title names the consumers (the producer only says where the
+    tensor comes from), with the ratio before and after and the alpha that smoothing used.
+    """
+    consumers = r["consumers"]
+    common = consumers[0].rsplit(".", 1)[0] if consumers else ""
+    if common and all(c.rsplit(".", 1)[0] == common for c in consumers):
+        names = f"{common}: " + ", ".join(c.rsplit(".", 1)[-1] for c in consumers)
+    else:
+        names = ", ".join(consumers)
+    return (f"input of {names}  max/median {r['before']['max_over_median']:.1f}x -> "
+            f"{r['after']['max_over_median']:.1f}x  (from {r['producer'].rsplit('.', 1)[-1]}, alpha={r['alpha']:g})")
+
+
+def _plot_group(plt: Any, r: dict[str, Any], path: Path) -> None:
+    """Before/after bars of one group's consumer input, each on its own y scale (a shared one hides the after)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=False)
+    for ax, key, when, color in ((axes[0], "before", "before smoothing", "#c0392b"), (axes[1], "after", "after smoothing", "#2471a3")):
+        values = r[f"absmax_{key}"]
+        ax.bar(range(len(values)), values, width=1.0, color=color)
+        ax.axhline(r[key]["median"], color="black", linewidth=0.8, linestyle="--", label="median")
+        ax.set_title(f"{when}: max/median {r[key]['max_over_median']:.1f}x (own y scale)", fontsize=9)
+        ax.set_xlabel("input channel")
+        ax.legend(loc="upper right", fontsize=7)
+    axes[0].set_ylabel("max |activation|")
+    fig.suptitle(plot_title(r), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

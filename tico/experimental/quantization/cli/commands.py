@@ -1,0 +1,265 @@
+"""The four commands. Each checks its arguments, calls the library, and prints; no algorithm lives here.
+
+Order inside every command: arguments that need no file (exit 2) -> the output folder, only looked at
+(exit 4) -> model config, tokenizer and text (exit 3; the model's position limit checks --seq-len, exit 2)
+-> the model's weights (exit 3) -> quantization (exit 5) -> writing (exit 4). A mistake is therefore
+reported before any weight is loaded, and nothing is created before the inputs are known to be good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from tico.experimental.quantization.cli.display import out, show_progress
+from tico.experimental.quantization.cli.main import EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to ``cmd_<command>`` with library errors mapped to exit codes."""
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}[args.command_name]
+    with show_progress(), _library_errors():
+        return handler(args)
+
+
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    from tico.experimental.quantization.checkpoint import OutputError
+    from tico.experimental.quantization.loading import InputError
+    from tico.experimental.quantization.quantizer import QuantizationError
+
+    try:
+        yield
+    except InputError as exc:
+        raise CliError(str(exc), EXIT_LOAD) from exc
+    except OutputError as exc:
+        raise CliError(str(exc), EXIT_OUTPUT) from exc
+    except QuantizationError as exc:
+        raise CliError(f"quantization failed: {exc}", EXIT_QUANT) from exc
+
+
+# -- checks shared by the commands ----------------------------------------------------------------------------
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise CliError(f"--device cuda: this torch ({torch.__version__}) is {build}; use --device cpu", EXIT_ARGS)
+
+
+def _model_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The model's config (exit 3 if unreadable), with --seq-len checked against its position limit (exit 2)."""
+    from tico.experimental.quantization.loading import max_positions, model_config
+
+    config = model_config(name, args.trust_remote_code)
+    limit = max_positions(config)
+    if limit is not None and args.seq_len > limit:
+        raise CliError(f"--seq-len {args.seq_len} is longer than {name} allows (max_position_embeddings={limit}); "
+                       f"use --seq-len {min(limit, 512)} or less", EXIT_ARGS)
+    return config
+
+
+def _source(args: argparse.Namespace) -> dict[str, Any]:
+    """What identifies the text: a local file by its resolved path, a hub dataset by name, config, split, column."""
+    path = Path(args.dataset).expanduser()
+    if path.exists():
+        column = args.text_column if path.suffix == ".jsonl" else None
+        return {"dataset": str(path.resolve()), "dataset_config": None, "split": None, "text_column": column}
+    return {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split,
+            "text_column": args.text_column}
+
+
+def _text(args: argparse.Namespace) -> str:
+    from tico.experimental.quantization.loading import load_text
+
+    return load_text(args.dataset, args.dataset_config, args.split, args.text_column)
+
+
+def _too_short(args: argparse.Namespace, exc: ValueError, what: str) -> CliError:
+    return CliError(f"--dataset {args.dataset}: {exc} (lower {what} or --seq-len, or use a longer text)", EXIT_LOAD)
+
+
+# -- quantize -------------------------------------------------------------------------------------------------
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tico.experimental.quantization.checkpoint import check_output
+    from tico.experimental.quantization.loading import load_tokenizer
+    from tico.experimental.quantization.schemes import DEFAULT_ALPHA, build_config
+    from tico.experimental.quantization.workflow import calibration_set, quantize_to_folder
+
+    start = time.perf_counter()
+    config = _build_config(args, build_config)
+    _check_device(args.device)
+    check_output(args.output)
+    _model_config(args.model, args)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    text = _text(args)
+    try:
+        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
+    except ValueError as exc:
+        raise _too_short(args, exc, "--samples") from None
+    options = {"scheme": args.scheme, "alpha": args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.scheme],
+               "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
+               "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
+               "device": args.device}
+    try:
+        result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
+                                    args.dtype, args.device, args.trust_remote_code, options)
+    except (OSError, ValueError) as exc:
+        # Raised while writing (export refusals, disk full): the staging folder is already removed.
+        from tico.experimental.quantization.quantizer import QuantizationError
+
+        if isinstance(exc, QuantizationError):
+            raise
+        raise CliError(f"cannot write {args.output}: {type(exc).__name__}: {exc}", EXIT_OUTPUT) from None
+    out(result.summary())
+    out(f"saved {args.scheme} checkpoint to {args.output} in {time.perf_counter() - start:.1f}s "
+        f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
+    return 0
+
+
+def _linear_producers(config: Any) -> bool:
+    smoothing = getattr(config, "smoothing", config)
+    return bool(getattr(smoothing, "linear_producers", False))
+
+
+def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
+    """The scheme's config from the options (exit 2 naming the option when they do not fit together)."""
+    if args.alpha == "auto" and args.scheme == "smooth":
+        raise CliError("--alpha auto needs a W8A8 scheme to score alphas against: use --scheme w8a8-static or "
+                       "w8a8-dynamic, or a number such as --alpha 0.5", EXIT_ARGS)
+    ignore = getattr(args, "ignore", [])
+    if ignore and args.scheme == "smooth":
+        raise CliError("--ignore applies to the W8A8 schemes (smoothing keeps no layer in float)", EXIT_ARGS)
+    try:
+        return build_config(args.scheme, args.alpha, getattr(args, "act_range", "mse"), ignore,
+                            getattr(args, "linear_producers", None))
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_ARGS) from None
+
+
+# -- eval -----------------------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tico.experimental.quantization.checkpoint import read_run_metadata
+    from tico.experimental.quantization.evaluation import perplexity, tokenize_text
+    from tico.experimental.quantization.loading import load_model, load_tokenizer
+
+    _check_device(args.device)
+    names = [("model", args.model)] + ([("reference", args.reference)] if args.reference else [])
+    for _, name in names:
+        _model_config(name, args)
+    text = _text(args)
+    skip, note = _eval_start(args, read_run_metadata(args.model) if Path(args.model).expanduser().is_dir() else None)
+    out(note)
+    rows = []
+    for label, name in names:
+        tokenizer = load_tokenizer(name, args.trust_remote_code)
+        stream = tokenize_text(tokenizer, text)
+        if skip >= stream.numel():
+            raise CliError(f"--dataset {args.dataset}: only {stream.numel()} tokens, none left after skipping {skip}; "
+                           "evaluate on another text or lower --skip-tokens", EXIT_LOAD)
+        model = load_model(name, args.dtype, args.device, args.trust_remote_code, causal_lm=True)
+        try:
+            result = perplexity(model, None, stream[skip:], seq_len=args.seq_len, max_windows=args.max_windows,
+                                device=args.device, progress=True)
+        except ValueError as exc:
+            raise _too_short(args, exc, "--skip-tokens") from None
+        rows.append((label, name, result))
+    out(f"{'':10s} {'perplexity':>11s} {'tokens':>9s}  model")
+    for label, name, r in rows:
+        out(f"{label:10s} {r.ppl:11.4f} {r.num_tokens:9d}  {name}")
+    if len(rows) == 2:
+        out(f"change vs reference: {100 * (rows[0][2].ppl / rows[1][2].ppl - 1):+.3f}%")
+    return 0
+
+
+def _eval_start(args: argparse.Namespace, metadata: dict[str, Any] | None) -> tuple[int, str]:
+    """The first token to score, and one line saying why (so calibration tokens are never scored unknowingly)."""
+    if args.skip_tokens is not None:
+        return args.skip_tokens, f"scoring from token {args.skip_tokens} (--skip-tokens)"
+    calibration = (metadata or {}).get("calibration")
+    if not isinstance(calibration, dict):
+        return 0, (f"note: {args.model} has no tico_recipe.json, so which text calibrated it is unknown; scoring from "
+                   "token 0 (--skip-tokens N skips the first N tokens)")
+    keys = ("dataset", "dataset_config", "split", "text_column")
+    if all(calibration.get(k) == _source(args).get(k) for k in keys):
+        end = int(calibration.get("end_token", 0))
+        return end, f"scoring from token {end}: tokens 0-{end} of this text calibrated {args.model} (tico_recipe.json)"
+    return 0, f"{args.model} was calibrated on other text ({calibration.get('dataset')}); scoring from token 0"
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from tico.experimental.quantization.calibration import quantize_model
+    from tico.experimental.quantization.checkpoint import check_output, write_atomically
+    from tico.experimental.quantization.evaluation.outliers import quantizer_report, write_report
+    from tico.experimental.quantization.loading import load_model, load_tokenizer
+    from tico.experimental.quantization.schemes import build_config
+    from tico.experimental.quantization.workflow import calibration_set
+
+    config = _build_config(args, build_config)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("tico-sq report draws plots with matplotlib: pip install matplotlib", EXIT_ARGS) from None
+    _check_device(args.device)
+    check_output(args.output)
+    _model_config(args.model, args)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    try:
+        calibration = calibration_set(tokenizer, _text(args), args.seq_len, args.samples, _source(args))
+    except ValueError as exc:
+        raise _too_short(args, exc, "--samples") from None
+    model = load_model(args.model, args.dtype, args.device, args.trust_remote_code, causal_lm=True)
+    result = quantize_model(model, config, calibration.windows, args.batch_size, args.device)
+    rows = quantizer_report(result.quantizer)
+    summary: list[str] = []
+    write_atomically(args.output, lambda folder: summary.append(write_report(rows, folder, plots=args.plots)))
+    out(summary[0])
+    out(f"wrote outliers.json, summary.txt and {min(args.plots, len(rows))} plots to {args.output}")
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job end to end: prepare -> calibrate -> convert -> W8A8 -> a fidelity table, offline by default."""
+    from tico.experimental.quantization.calibration import quantize_model
+    from tico.experimental.quantization.evaluation.compare import compare_to_reference
+    from tico.experimental.quantization.evaluation.data import token_windows
+    from tico.experimental.quantization.loading import (
+        embedded_demo_model, embedded_demo_text, is_causal_lm, load_model, load_tokenizer)
+    from tico.experimental.quantization.progress import stage
+    from tico.experimental.quantization.schemes import demo_recipes
+
+    _check_device(args.device)
+    name = args.model or embedded_demo_model()
+    causal = is_causal_lm(_model_config(name, args))
+    tokenizer = load_tokenizer(name, args.trust_remote_code)
+    text = _text(args) if args.dataset else embedded_demo_text()
+    try:
+        windows = token_windows(tokenizer, text, args.seq_len, num_windows=args.samples + args.eval_windows,
+                                add_bos=causal)
+    except ValueError as exc:
+        raise _too_short(args, exc, "--samples/--eval-windows") from None
+    calib, evaluation = windows[: args.samples].to(args.device), windows[args.samples:].to(args.device)
+    out(f"model {name} ({'causal LM' if causal else 'encoder'}); calibration {args.samples}x{args.seq_len} tokens, "
+        f"evaluation on the next {args.eval_windows}x{args.seq_len}")
+
+    def load() -> Any:
+        return load_model(name, args.dtype, args.device, args.trust_remote_code, causal_lm=causal)
+
+    reference = load()
+    recipes = demo_recipes()
+    header: list[str] | None = None
+    for i, (label, recipe) in enumerate(recipes.items(), 1):
+        start = time.perf_counter()
+        model = reference if recipe is None else quantize_model(load(), recipe, calib, args.batch_size, args.device).model
+        with stage(f"[{i}/{len(recipes)}] scoring {label}"):
+            row = compare_to_reference(model, reference, evaluation, causal)
+        if header is None:
+            header = list(row)
+            out(f"{'recipe':28s}" + "".join(f"{k:>12s}" for k in header) + f"{'time':>9s}")
+        out(f"{label:28s}" + "".join(f"{row[k]:12.5f}" for k in header) + f"{time.perf_counter() - start:8.1f}s")
+    return 0

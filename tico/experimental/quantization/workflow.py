@@ -1,0 +1,122 @@
+"""A whole quantization run, model folder to checkpoint folder: load -> calibrate -> convert -> save.
+
+``tico-sq quantize`` is this module plus argument parsing. Each step is a function, so a different backend
+(e.g. a streaming, block-by-block pipeline) replaces :func:`quantize_to_folder` with one call and keeps the
+same calibration data and metadata.
+
+Calibration takes the **first** ``samples`` windows of the text, and the run records which tokens those were
+in ``tico_recipe.json``; ``tico-sq eval`` on the same text then starts after them, so perplexity is never
+measured on the calibration tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tico.experimental.quantization.calibration import QuantizationResult, quantize_model
+from tico.experimental.quantization.checkpoint import RECIPE_FILE, write_atomically
+from tico.experimental.quantization.loading import load_model
+from tico.experimental.quantization.schemes import config_to_dict
+
+__all__ = ["CalibrationSet", "calibration_set", "save_quantized", "quantize_to_folder", "FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "tico-run/1"
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration windows and where they came from (recorded so evaluation can skip them)."""
+
+    windows: torch.Tensor
+    source: dict[str, Any] = field(default_factory=dict)  # dataset name/path, config, split, column
+
+    @property
+    def end_token(self) -> int:
+        """Tokens ``[0, end_token)`` of the text's token stream (BOS included) were used for calibration."""
+        return int(self.windows.numel())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.source,
+            "windows": int(self.windows.size(0)),
+            "seq_len": int(self.windows.size(1)),
+            "first_token": 0,
+            "end_token": self.end_token,
+            "selection": "the first windows of the text's token stream (one BOS at its start)",
+        }
+
+
+def calibration_set(tokenizer: Any, text: str, seq_len: int, samples: int, source: dict[str, Any] | None = None) -> CalibrationSet:
+    """The first ``samples`` disjoint windows of ``seq_len`` tokens of ``text`` (ValueError if it is too short)."""
+    from tico.experimental.quantization.evaluation.data import token_windows
+
+    return CalibrationSet(token_windows(tokenizer, text, seq_len, num_windows=samples), dict(source or {}))
+
+
+def run_metadata(result: QuantizationResult, config: Any, calibration: CalibrationSet, options: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to understand or repeat the run: full config, options, calibration tokens, outcome."""
+    report = result.report
+    return {
+        "format": FORMAT,
+        "config": config_to_dict(config),
+        "options": options,
+        "calibration": calibration.to_dict(),
+        "alphas": result.alphas(),
+        "act_ranges": dict(getattr(report, "act_ranges", {}) or {}),
+        "kept_float": dict(getattr(report, "kept_float", {}) or {}),
+        "quantized": list(getattr(report, "quantized", []) or []),
+    }
+
+
+def save_quantized(result: QuantizationResult, tokenizer: Any, output: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write a smoothed float model (``save_pretrained``) or a compressed-tensors W8A8 checkpoint, atomically.
+
+    Beside the weights: the tokenizer, ``tico_recipe.json`` (``metadata``) and, when groups were smoothed,
+    ``smoothquant_recipe.json`` (re-appliable with ``apply_recipe``).
+    """
+    from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
+    from tico.experimental.quantization.export.compressed_tensors import save_compressed
+
+    def write(folder: Path) -> None:
+        if result.report is None:
+            result.model.save_pretrained(folder)
+        else:
+            save_compressed(result.model, folder)
+        tokenizer.save_pretrained(folder)
+        plan = result.plan
+        if plan is not None and plan.smoothed:
+            save_recipe(plan, folder / "smoothquant_recipe.json")
+        (folder / RECIPE_FILE).write_text(json.dumps(metadata, indent=1))
+
+    return write_atomically(output, write)
+
+
+def quantize_to_folder(
+    model_name: str,
+    tokenizer: Any,
+    config: Any,
+    calibration: CalibrationSet,
+    output: str | Path,
+    batch_size: int = 4,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    options: dict[str, Any] | None = None,
+) -> QuantizationResult:
+    """Load ``model_name``, calibrate on ``calibration``, convert with ``config`` and write ``output``."""
+    start = time.perf_counter()
+    model = load_model(model_name, dtype, device, trust_remote_code, causal_lm=True)
+    result = quantize_model(model, config, calibration.windows, batch_size, device)
+    metadata = run_metadata(result, config, calibration, dict(options or {}, model=model_name))
+    save_quantized(result, tokenizer, output, metadata)
+    logger.info("quantized %s into %s in %.1fs", model_name, output, time.perf_counter() - start)
+    return result
