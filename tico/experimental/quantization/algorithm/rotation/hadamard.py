@@ -8,8 +8,11 @@ a different rotation per seed (QuaRot's "randomized Hadamard").
 
 Hadamard matrices of order ``n`` exist for ``n = 2^k * m`` where ``m`` is the order of a known base matrix. We
 build bases with Paley's first construction (order ``q + 1`` for a prime ``q = 3 mod 4``: 4, 8, 12, 20, 24, 32,
-44, 48, 60, 68, 72, 80, 84, ...) and take Kronecker products with Sylvester's ``[[1, 1], [1, -1]]``. Sizes with
-no such factorisation (e.g. 172 = 4 * 43) get a seeded random orthogonal matrix instead, and say so.
+44, 48, 60, 68, 72, 80, 84, ...) and take Kronecker products with Sylvester's ``[[1, 1], [1, -1]]``. Where neither
+fits (e.g. 28, or 172 = 4 * 43) and the optional ``compressed-tensors`` package is installed, its copy of Sloane's
+library (every multiple of 4 up to 256) provides the base. Sizes still without one (no Hadamard matrix exists for
+orders other than 1, 2 and multiples of 4) get a seeded random orthogonal matrix instead, and say so: note that
+the rotation of such a size therefore depends on whether ``compressed-tensors`` is installed.
 """
 
 from __future__ import annotations
@@ -60,10 +63,37 @@ def _is_paley_order(m: int) -> bool:
     return q % 4 == 3 and q <= _MAX_PALEY_PRIME and _is_prime(q)
 
 
-def hadamard_order_base(n: int) -> int | None:
-    """The base order ``m`` (1 or a Paley order) with ``n = 2^k * m``, or None if this module cannot build order ``n``.
+@lru_cache(maxsize=1)
+def _known_bases() -> dict[int, torch.Tensor]:
+    """Hadamard matrices from N. J. A. Sloane's library as shipped by ``compressed-tensors`` (every multiple of 4
+    up to 256, e.g. 28, 172), if that optional package is installed; each one is checked before use."""
+    try:
+        from compressed_tensors.transform.utils import hadamard as ct_hadamard
+        from safetensors import safe_open
+    except ImportError:
+        return {}
+    path = getattr(ct_hadamard, "REPO_PATH", None)
+    if path is None:
+        return {}
+    found: dict[int, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            for key in file.keys():
+                h = file.get_tensor(key).to(torch.float64)
+                m = h.shape[0]
+                if h.shape == (m, m) and torch.equal(h.abs(), torch.ones_like(h)) and torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)):
+                    found[m] = h
+    except (OSError, ValueError, RuntimeError):  # an unreadable file is simply no extra bases
+        return {}
+    return found
 
-    The smallest base wins (1 when ``n`` is a power of two), so the fast transform does most of the work.
+
+@lru_cache(maxsize=None)
+def _base(n: int) -> tuple[int, str] | None:
+    """``(m, source)`` with ``n = 2^k * m`` and a Hadamard matrix of order ``m`` available, or None.
+
+    Own constructions first (Sylvester, then Paley; the smallest base wins, so the fast transform does most of
+    the work), then the known matrices of ``compressed-tensors``.
     """
     if n < 1:
         return None
@@ -75,18 +105,37 @@ def hadamard_order_base(n: int) -> int | None:
             break
         m //= 2
     for m in reversed(candidates):  # smallest first
-        if m == 1 or _is_paley_order(m):
-            return m
+        if m == 1:
+            return 1, "sylvester"
+        if _is_paley_order(m):
+            return m, "paley"
+    known = _known_bases()
+    for m in reversed(candidates):
+        if m in known:
+            return m, "known"
     return None
+
+
+def hadamard_order_base(n: int) -> int | None:
+    """The base order ``m`` with ``n = 2^k * m`` of the Hadamard matrix built for order ``n``, or None if this
+    module cannot build one (1 for powers of two, a Paley order, or a known matrix's order)."""
+    found = _base(n)
+    return None if found is None else found[0]
 
 
 @lru_cache(maxsize=None)
 def _hadamard_pm1(n: int) -> torch.Tensor:
-    base = hadamard_order_base(n)
-    if base is None:
+    found = _base(n)
+    if found is None:
         raise ValueError(f"no Hadamard matrix of order {n} is known to this module (need 2^k, or 2^k times q+1 "
-                         f"for a prime q = 3 mod 4 up to {_MAX_PALEY_PRIME})")
-    h = torch.ones(1, 1, dtype=torch.float64) if base == 1 else _paley(base - 1)
+                         f"for a prime q = 3 mod 4 up to {_MAX_PALEY_PRIME}, or compressed-tensors' known matrices)")
+    base, source = found
+    if source == "sylvester":
+        h = torch.ones(1, 1, dtype=torch.float64)
+    elif source == "paley":
+        h = _paley(base - 1)
+    else:
+        h = _known_bases()[base]
     sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.kron(sylvester, h)
