@@ -3,7 +3,9 @@
 Rotations are fused into the float weights first (``fuse_rotations``: residual stream Q and per-head value
 rotations, randomized Hadamard), then the model is quantized as usual. Everything stays exportable to
 compressed-tensors (no in-quantizer smoothing, no in-quantizer rotation), except the reference row that uses the
-in-quantizer rotations of ``W8A8Config(rotate=("all",))``.
+in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and the row marked ``*``: ``down_proj``'s input, which
+no weight can absorb, rotated inside its quantizer (a random block-orthogonal matrix): what an online Hadamard
+transform (compressed-tensors ``transform_config``, not exported yet) would buy.
 
 1. The real model ``../shared/data/stories260K-hf``: the protocol of ``benchmarks/accuracy.py`` (calibration on
    32 windows of 256 tokens of ``tinystories/validation_head.txt``, perplexity and mean KL to the float model on
@@ -45,6 +47,8 @@ def rows(activations: str, backend: str) -> list[tuple[str, bool, W8A8Config]]:
         ("fused rotations + naive W8A8", True, W8A8Config(**common)),
         ("SmoothQuant auto, linear producers", False, W8A8Config(smoothing=smooth, **common)),
         ("fused rotations + SmoothQuant", True, W8A8Config(smoothing=smooth, **common)),
+        ("fused rotations + SmoothQuant + down_proj rotated*", True,
+         W8A8Config(smoothing=smooth, rotate=("down_proj",), **common)),
         ("(ref) in-quantizer smooth+rotate, not exportable", False,
          W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
         ("fused rotations + in-quantizer smooth+rotate", True,
