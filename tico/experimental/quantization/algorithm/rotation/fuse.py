@@ -62,7 +62,7 @@ class RotationReport:
     absorbed_norms: list[str] = field(default_factory=list)
     readers: list[str] = field(default_factory=list)  # parameters rotated on their input side
     writers: list[str] = field(default_factory=list)  # parameters rotated on their output side
-    value_pairs: list[str] = field(default_factory=list)
+    value_pairs: list[str] = field(default_factory=list)  # blocks whose v_proj / o_proj were rotated per head
     untied: str | None = None  # why the LM head was untied from the embedding, if it was
     max_rel_error: float | None = None  # max |logits' - logits| / max |logits| on the probe
 
@@ -87,7 +87,7 @@ class _Plan:
     embeddings: list[str]  # parameter names
     norms: dict[str, tuple[nn.Module, str, list[ConsumerParam]]]  # name -> (module, kind, readers)
     writers: list[tuple[str, int]]
-    values: list[tuple[nn.Linear, nn.Linear]]
+    values: list[tuple[str, nn.Linear, nn.Linear]]  # (block, v_proj, o_proj)
     head_dim: int | None
     untie: str | None  # reason to untie, or None
 
@@ -244,7 +244,7 @@ def _value_pairs(model: nn.Module, layout: ResidualLayout, prefixes: list[str]):
             problems.append(f"{p}: v_proj/o_proj sizes {v.out_features}/{o.in_features} do not match "
                             f"{kv_heads}/{heads} heads of {head_dim}")
         else:
-            pairs.append((v, o))
+            pairs.append((p, v, o))
     if problems:
         raise RotationError("cannot rotate values per head: " + "; ".join(problems))
     return pairs, head_dim
@@ -295,7 +295,7 @@ def _apply(model: nn.Module, plan: _Plan, q: torch.Tensor, head_rotations: list[
         for c in readers:
             rotate(c.name, c.axis, q, report.readers)
     hd = plan.head_dim
-    for (v, o), rot in zip(plan.values, head_rotations):
+    for (block, v, o), rot in zip(plan.values, head_rotations):
         h = rot.matrix.to(v.weight.device)
         w = v.weight.view(-1, hd, v.in_features)
         v.weight.copy_(_rotate_axis(w, 1, h).reshape(v.weight.shape).to(v.weight.dtype))
@@ -303,7 +303,7 @@ def _apply(model: nn.Module, plan: _Plan, q: torch.Tensor, head_rotations: list[
             v.bias.copy_(_rotate_axis(v.bias.view(-1, hd), 1, h).reshape(-1).to(v.bias.dtype))
         wo = o.weight.view(o.out_features, -1, hd)
         o.weight.copy_(_rotate_axis(wo, 2, h).reshape(o.weight.shape).to(o.weight.dtype))
-    report.value_pairs = [f"{i}" for i in range(len(plan.values))]
+        report.value_pairs.append(block)
 
 
 def fuse_rotations(
@@ -324,6 +324,9 @@ def fuse_rotations(
         heads: also rotate ``v_proj`` / ``o_proj`` per head.
         args, kwargs: inputs of the probe forward (default: a few token ids).
         tolerance: allowed max relative change of the probe's logits (default 1e-4 in fp32, 5e-2 in fp16/bf16).
+
+    Every parameter is copied once (on its device) so that a failed verification can restore the model: peak
+    memory is about twice the model's.
 
     Returns:
         A :class:`RotationReport`. Raises :class:`RotationError`, with the model unchanged, if any part of the
