@@ -51,3 +51,40 @@ def test_stories260k_intermediate_172(stories_dir) -> None:
 def test_no_hadamard_order_refused() -> None:
     with pytest.raises(ValueError, match="order 86"):
         transform_config(86)
+
+
+@pytest.mark.parametrize("key", ["llama", "qwen2_moe"])
+def test_online_rotations_exact_then_w8a8_quantizes_the_rotated_input(key: str) -> None:
+    from tico.experimental.quantization import convert, prepare
+    from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
+    from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+    from tico.experimental.quantization.config.w8a8 import W8A8Config
+    from tico.experimental.quantization.nn.linear import W8A8Linear
+
+    model = zoo.build_model(key)
+    ids = zoo.input_ids(key, batch=2, seq=12, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    fuse_rotations(model)
+    rotated = add_online_rotations(model)
+    assert rotated and all(r.kind == "hadamard" for r in rotated.values())
+    with torch.no_grad():
+        assert _rel(model(ids).logits, ref) < 2e-5
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5, linear_producers=True), activations="static")
+    q = prepare(model, config)
+    with torch.no_grad():
+        q(ids)
+    q = convert(q)
+    for name in rotated:
+        layer = q.get_submodule(name)
+        assert isinstance(layer, RotatedInputLinear) and isinstance(layer.inner, W8A8Linear), name
+    with torch.no_grad():
+        assert _rel(q(ids).logits, ref) < 0.2  # int8: close, not exact
+
+
+def test_online_rotations_need_targets() -> None:
+    from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
+
+    with pytest.raises(ValueError, match="no plain nn.Linear"):
+        add_online_rotations(zoo.build_model("llama"), suffixes=("mlp.nothing",))

@@ -18,14 +18,71 @@ W8A8 calibration (the quantizer must observe the rotated input) and into ``save_
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from tico.experimental.quantization.algorithm.rotation.hadamard import hadamard_order_base
+import torch
+from torch import nn
 
-__all__ = ["DOWN_PROJ_TARGETS", "transform_config"]
+from tico.experimental.quantization.algorithm.rotation.fuse import _logits
+from tico.experimental.quantization.algorithm.rotation.hadamard import Rotation, hadamard_order_base, make_rotation
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import _run_probe, example_inputs
+from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+
+__all__ = ["DOWN_PROJ_TARGETS", "ONLINE_SUFFIXES", "add_online_rotations", "transform_config"]
+
+logger = logging.getLogger(__name__)
 
 # Modules whose input is an elementwise product of two projections (no weight before them can absorb Q).
-DOWN_PROJ_TARGETS = ("re:.*mlp\\.down_proj$", "re:.*mlp\\.shared_expert\\.down_proj$")
+ONLINE_SUFFIXES = ("mlp.down_proj", "mlp.shared_expert.down_proj")
+DOWN_PROJ_TARGETS = tuple("re:.*" + s.replace(".", "\\.") + "$" for s in ONLINE_SUFFIXES)
+
+
+@torch.no_grad()
+def add_online_rotations(
+    model: nn.Module,
+    suffixes: tuple[str, ...] = ONLINE_SUFFIXES,
+    seed: int = 0,
+    kind: str = "hadamard",
+    tolerance: float = 1e-4,
+) -> dict[str, Rotation]:
+    """Rotate the inputs of the plain ``nn.Linear`` layers named ``*.<suffix>`` at run time, exactly in float.
+
+    One rotation per input width (shared by all layers of that width, as a run-time kernel would share it).
+    The probe's logits are compared before and after; on a mismatch every layer is put back and ValueError is
+    raised. Returns the rotation of each layer, by name.
+    """
+    targets = {
+        name: m for name, m in model.named_modules()
+        if type(m) is nn.Linear and any(name == s or name.endswith("." + s) for s in suffixes)
+    }
+    if not targets:
+        raise ValueError(f"no plain nn.Linear named *.{suffixes} in {type(model).__name__} to rotate online")
+    probe = example_inputs(model, None, None)
+    reference = _logits(_run_probe(model, *probe)).double()
+    rotations: dict[int, Rotation] = {}
+    done: dict[str, Rotation] = {}
+    for name, linear in targets.items():
+        rot = rotations.setdefault(linear.in_features, make_rotation(linear.in_features, seed, kind))
+        inner = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          device=linear.weight.device, dtype=linear.weight.dtype)
+        r = rot.matrix.to(linear.weight.device)
+        inner.weight.copy_((linear.weight.double() @ r).to(linear.weight.dtype))  # x R (W R)^T = x W^T
+        if linear.bias is not None:
+            inner.bias.copy_(linear.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, RotatedInputLinear(inner, r.float().unsqueeze(0), None))
+        done[name] = rot
+    got = _logits(_run_probe(model, *probe)).double()
+    err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+    if not err <= tolerance:
+        for name, linear in targets.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+        raise ValueError(f"online rotations changed the probe's logits by {err:.2e} (relative); the model was restored")
+    logger.info("online rotations on %d layers (%s), max relative logit change %.2e", len(done),
+                ", ".join(sorted({r.describe() for r in done.values()})), err)
+    return done
 
 
 def transform_config(size: int, targets: tuple[str, ...] = DOWN_PROJ_TARGETS, group: str = "r4") -> Any:
