@@ -3,9 +3,9 @@
 Rotations are fused into the float weights first (``fuse_rotations``: residual stream Q and per-head value
 rotations, randomized Hadamard), then the model is quantized as usual. Everything stays exportable to
 compressed-tensors (no in-quantizer smoothing, no in-quantizer rotation), except the reference row that uses the
-in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and the row marked ``*``: ``down_proj``'s input, which
-no weight can absorb, rotated inside its quantizer (a random block-orthogonal matrix): what an online Hadamard
-transform (compressed-tensors ``transform_config``, not exported yet) would buy.
+in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and "online Hadamard down_proj": ``down_proj``'s input,
+which no weight can absorb, rotated at run time by a Hadamard (``add_online_rotations``), which compressed-tensors
+describes as a ``transform_config`` (our exporter does not write it yet).
 
 1. The real model ``../shared/data/stories260K-hf``: the protocol of ``benchmarks/accuracy.py`` (calibration on
    32 windows of 256 tokens of ``tinystories/validation_head.txt``, perplexity and mean KL to the float model on
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import SHARED, outlier_llama, quantize  # noqa: E402
 
 from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations  # noqa: E402
+from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations  # noqa: E402
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig  # noqa: E402
 from tico.experimental.quantization.config.w8a8 import W8A8Config  # noqa: E402
 from tico.experimental.quantization.evaluation.data import read_text, token_windows  # noqa: E402
@@ -38,29 +39,28 @@ from tico.experimental.quantization.evaluation.fidelity import logit_fidelity  #
 from tico.experimental.quantization.evaluation.perplexity import perplexity  # noqa: E402
 
 
-def rows(activations: str, backend: str) -> list[tuple[str, bool, W8A8Config]]:
-    """(name, fuse rotations first?, config) for one activation mode."""
+def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
+    """(name, rotations before quantizing: "" / "fused" / "fused+online", config) for one activation mode."""
     common = dict(activations=activations, backend=backend, act_range="mse")
     smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
     return [
-        ("naive W8A8", False, W8A8Config(**common)),
-        ("fused rotations + naive W8A8", True, W8A8Config(**common)),
-        ("SmoothQuant auto, linear producers", False, W8A8Config(smoothing=smooth, **common)),
-        ("fused rotations + SmoothQuant", True, W8A8Config(smoothing=smooth, **common)),
-        ("fused rotations + SmoothQuant + down_proj rotated*", True,
-         W8A8Config(smoothing=smooth, rotate=("down_proj",), **common)),
-        ("(ref) in-quantizer smooth+rotate, not exportable", False,
-         W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
-        ("fused rotations + in-quantizer smooth+rotate", True,
+        ("naive W8A8", "", W8A8Config(**common)),
+        ("fused rotations + naive W8A8", "fused", W8A8Config(**common)),
+        ("SmoothQuant auto, linear producers", "", W8A8Config(smoothing=smooth, **common)),
+        ("fused rotations + SmoothQuant", "fused", W8A8Config(smoothing=smooth, **common)),
+        ("fused + online Hadamard down_proj + SmoothQuant", "fused+online", W8A8Config(smoothing=smooth, **common)),
+        ("(ref) in-quantizer smooth+rotate, not exportable", "",
          W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
     ]
 
 
-def loader(load: Callable[[], torch.nn.Module], rotate: bool, seed: int) -> Callable[[], torch.nn.Module]:
+def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Callable[[], torch.nn.Module]:
     def make() -> torch.nn.Module:
         model = load()
         if rotate:
             fuse_rotations(model, seed=seed)
+        if rotate == "fused+online":
+            add_online_rotations(model, seed=seed)
         return model
 
     return make
@@ -80,7 +80,7 @@ def real_model(backend: str, seed: int) -> None:
 
     reference = load()
     float_ppl = perplexity(reference, None, evaluation.reshape(-1), seq_len=256).ppl
-    rotated = loader(load, True, seed)()
+    rotated = loader(load, "fused", seed)()
     rot_ppl = perplexity(rotated, None, evaluation.reshape(-1), seq_len=256).ppl
     print(f"\nstories260K: calibration 32x256, evaluation 16x256 tokens; float perplexity {float_ppl:.4f} "
           f"(rotated float {rot_ppl:.4f})")
