@@ -5,7 +5,9 @@ Layout: every :class:`W8A8Linear` becomes ``<name>.weight`` (int8 ``[out, in]``)
 everything else is saved as in ``save_pretrained``. ``config.json`` gets the ``quantization_config`` block
 (``quant_method: compressed-tensors``, format ``int-quantized``). Smoothing that lives inside an activation
 quantizer (``smooth_in_quantizer=True``) has no place in that format, so such models are refused: fold the
-smoothing into producers instead (``linear_producers=True``) or keep those layers in float.
+smoothing into producers instead (``linear_producers=True``) or keep those layers in float. Online Hadamard
+rotations of a layer's input (``add_online_rotations``) are written as a compressed-tensors ``transform_config``
+(see :mod:`.transforms`); other in-quantizer rotations (``W8A8Config.rotate``) are refused.
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tico.experimental.quantization.export import transforms
 from tico.experimental.quantization.nn.embedding import Int8Embedding
 from tico.experimental.quantization.nn.linear import W8A8Linear
+
+
+def _w8a8_layers(model: nn.Module) -> dict[str, W8A8Linear]:
+    """Every int8 layer by its checkpoint name: the layer behind an exportable online rotation takes the rotation's
+    name (``<name>.inner`` -> ``<name>``), so the checkpoint has the model's own module names."""
+    online, _ = transforms.online_layers(model)
+    inner = {id(m.inner): name for name, m in online.items()}
+    return {inner.get(id(m), n): m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
 
 
 def _scheme(layer: W8A8Linear) -> tuple[str, str, bool]:
@@ -32,7 +43,7 @@ def _scheme(layer: W8A8Linear) -> tuple[str, str, bool]:
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` block for ``config.json`` (one config group per distinct scheme)."""
     groups: dict[tuple[str, str, bool], list[str]] = {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    layers = _w8a8_layers(model)
     for name, layer in layers.items():
         groups.setdefault(_scheme(layer), []).append(name)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, W8A8Linear)]
@@ -43,27 +54,31 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy, "dynamic": False},
             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": acts, "dynamic": dynamic},
         }
-    return {
+    config = {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
     }
+    online, _ = transforms.online_layers(model)
+    if online:
+        config["transform_config"] = transforms.transform_config(list(online))
+    return config
 
 
 def save_compressed(model: nn.Module, output_dir: str | Path) -> Path:
     """Write ``model`` (after ``convert`` with a ``W8A8Config``) as a compressed-tensors checkpoint."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    layers = _w8a8_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
     if any(isinstance(m, Int8Embedding) for m in model.modules()):
         raise ValueError("compressed-tensors export of int8 embeddings is not supported; quantize with quantize_embeddings=False")
-    rotated = [n for n, m in model.named_modules() if hasattr(m, "rotation") and isinstance(getattr(m, "inner", None), W8A8Linear)]
+    online, rotated = transforms.online_layers(model)
     if rotated:
         raise ValueError(
-            f"compressed-tensors has no place for input rotations ({rotated[:3]}...); quantize without "
-            "W8A8Config.rotate to export"
+            f"compressed-tensors has no place for these input rotations ({rotated[:3]}...): only one Hadamard block "
+            "without smoothing is exported (add_online_rotations); quantize without W8A8Config.rotate to export"
         )
     inner = [n for n, m in layers.items() if m.quantization_state()["smooth_scale"] is not None]
     if inner:
@@ -77,9 +92,10 @@ def save_compressed(model: nn.Module, output_dir: str | Path) -> Path:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, value in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if owner in layers:
+        if owner in layers or owner.removesuffix(".inner") in online or owner in online:
             continue
         tensors[name] = value
+    tensors.update(transforms.transform_tensors(online))
     for name, layer in layers.items():
         state = layer.quantization_state()
         tensors[f"{name}.weight"] = state["weight"].to(torch.int8)
@@ -135,7 +151,9 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-    state = {k: v for k, v in tensors.items()}
+    online = transforms.online_names(qconfig.get("transform_config"))
+    transform_keys = {k for k in tensors for n in online if k.startswith(n + ".") and k.endswith("_input.weight")}
+    state = {k: v for k, v in tensors.items() if k not in transform_keys}
     for name, module in model.named_modules():
         if isinstance(module, W8A8Linear) and f"{name}.input_scale" in state:
             state[f"{name}.act_scale"] = state.pop(f"{name}.input_scale").reshape(()).float()
@@ -143,6 +161,8 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
     missing = [k for k in missing if not k.endswith(("smooth_scale", "act_scale")) and "lm_head" not in k]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if online:
+        transforms.wrap(model, online, tensors)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model
