@@ -4,7 +4,8 @@ A layer ``x -> inner(x R)`` (a :class:`RotatedInputLinear` around a :class:`W8A8
 :func:`~tico.experimental.quantization.algorithm.rotation.online.add_online_rotations` and W8A8 build it) is
 saved as the plain int8 layer ``<name>.weight`` (which already holds ``W R``) plus a compressed-tensors transform:
 ``<name>.<group>_input.weight = R * sqrt(n)`` (entries +-1) and a ``random-hadamard`` scheme with an online
-``input`` location (``x -> x T / sqrt(n)``, what vLLM runs) and an ``inverse`` ``weight_input`` location (already
+``input`` location (``x -> x T / sqrt(n)``; vLLM runs it as a dense GEMM for this type, its hadacore kernel only for the
+unsigned Sylvester type ``hadamard``, and not with tensor parallelism) and an ``inverse`` ``weight_input`` location (already
 fused, recorded so the description is complete). Only rotations that are one Hadamard block (entries
 ``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal rotations of ``W8A8Config.rotate`` do not.
 """
@@ -46,8 +47,18 @@ def online_layers(model: nn.Module) -> tuple[dict[str, RotatedInputLinear], list
 
 
 def transform_tensors(layers: dict[str, RotatedInputLinear]) -> dict[str, torch.Tensor]:
-    """``<name>.<group>_input.weight``: the +-1 matrix of each layer's rotation."""
+    """``<name>.<group>_input.weight``: the +-1 matrix of each layer's rotation.
+
+    vLLM keeps one tensor per (scheme, size) and shares it between layers, so layers of the same width must carry
+    the same matrix (``add_online_rotations`` does that); otherwise the export is refused.
+    """
     out = {}
+    by_size: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, m in layers.items():
+        first = by_size.setdefault(m.rotation.shape[-1], (name, m.rotation))
+        if not torch.equal(first[1], m.rotation):
+            raise ValueError(f"online rotations of {first[0]} and {name} differ; vLLM shares one matrix per size "
+                             "in a transform group: use one rotation per width (add_online_rotations does)")
     for name, m in layers.items():
         r = m.rotation[0].double()
         out[f"{name}.{GROUP}_input.weight"] = torch.round(r * math.sqrt(r.shape[0])).float()
