@@ -137,3 +137,22 @@ def test_unknown_dataset_name_suggests_a_local_file(stories_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 3 and "local .txt/.jsonl" in err.replace(".txt or .jsonl", ".txt/.jsonl")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rotate,scheme", [("fused", "smooth"), ("online", "w8a8-static")])
+def test_quantize_with_rotations(rotate, scheme, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--samples", "4",
+                 "--seq-len", "32", "--scheme", scheme, "--rotate", rotate, "--output", str(out)]) == 0
+    assert "rotations fused into llama" in capsys.readouterr().out
+    code = main(["eval", "--model", str(out), "--reference", str(tiny_model_dir), "--dataset", str(text_file),
+                 "--seq-len", "32", "--max-windows", "2"])
+    printed = capsys.readouterr().out
+    change = float(printed.split("change vs reference:")[1].strip().rstrip("%"))
+    assert code == 0 and abs(change) < (0.01 if scheme == "smooth" else 5.0)
+
+
+def test_online_rotation_needs_w8a8(text_file, tmp_path, capsys):
+    code = main(["quantize", "--model", "x", "--dataset", str(text_file), "--scheme", "smooth", "--rotate", "online",
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "--rotate online needs a W8A8 scheme" in capsys.readouterr().err

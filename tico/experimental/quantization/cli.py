@@ -25,6 +25,7 @@ import torch
 
 EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT = 2, 3, 4, 5
 SCHEMES = ("smooth", "w8a8-dynamic", "w8a8-static")
+ROTATIONS = ("none", "fused", "online")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -123,6 +124,20 @@ def _check_output(output: Path) -> None:
         raise CliError(f"output folder {output} is not writable: {exc}", EXIT_OUTPUT) from None
 
 
+def _rotate(model, mode: str) -> None:
+    """Fuse rotations into the float weights ("fused"), plus a run-time Hadamard on down_proj inputs ("online")."""
+    from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations
+    from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
+
+    try:
+        print(fuse_rotations(model).summary())
+        if mode == "online":
+            layers = add_online_rotations(model)
+            print(f"online Hadamard on the inputs of {len(layers)} layers")
+    except ValueError as exc:
+        raise CliError(f"rotation failed: {exc}", EXIT_QUANT) from None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -136,8 +151,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_output(output)
     if args.alpha == "auto" and args.scheme == "smooth":
         raise CliError("--alpha auto needs a W8A8 scheme to score alphas against (--scheme w8a8-dynamic/static)", EXIT_ARGS)
+    if args.rotate == "online" and args.scheme == "smooth":
+        raise CliError("--rotate online needs a W8A8 scheme (a float checkpoint has no place for run-time rotations); "
+                       "use --rotate fused with --scheme smooth", EXIT_ARGS)
     start = time.perf_counter()
     model, tokenizer, windows = _model_and_windows(args)
+    if args.rotate != "none":
+        _rotate(model, args.rotate)
     smoothing = SmoothQuantConfig(alpha=args.alpha, linear_producers=args.scheme != "smooth")
     config = smoothing if args.scheme == "smooth" else W8A8Config(
         smoothing=smoothing, activations=args.scheme.split("-")[1]
@@ -326,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=4, help="windows per calibration forward (default: %(default)s)")
     q.add_argument("--alpha", type=_alpha, default=0.5, help="migration strength in [0, 1] or auto (default: %(default)s)")
     q.add_argument("--scheme", choices=SCHEMES, default="w8a8-dynamic", help="(default: %(default)s)")
+    q.add_argument("--rotate", choices=ROTATIONS, default="none",
+                   help="fused: rotate the residual stream and the values per head in the float weights first (exact, "
+                        "RMSNorm decoders only); online: also a run-time Hadamard on down_proj inputs, saved as a "
+                        "compressed-tensors transform_config (W8A8 schemes) (default: %(default)s)")
     q.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", parents=[common], help="perplexity of a model (and a reference) on a dataset")
