@@ -5,7 +5,7 @@ rotations, randomized Hadamard), then the model is quantized as usual. Everythin
 compressed-tensors (no in-quantizer smoothing, no in-quantizer rotation), except the reference row that uses the
 in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and "online Hadamard down_proj": ``down_proj``'s input,
 which no weight can absorb, rotated at run time by a Hadamard (``add_online_rotations``), which compressed-tensors
-describes as a ``transform_config`` (our exporter does not write it yet).
+describes as a ``transform_config`` (``save_compressed`` writes it).
 
 1. The real model ``../shared/data/stories260K-hf``: the protocol of ``benchmarks/accuracy.py`` (calibration on
    32 windows of 256 tokens of ``tinystories/validation_head.txt``, perplexity and mean KL to the float model on

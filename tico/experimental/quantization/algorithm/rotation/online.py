@@ -11,9 +11,13 @@ compressed-tensors (>= 0.12) describes this as a :class:`TransformScheme` with t
 tensor ``<module>.<group>_input.weight``; vLLM applies input transforms of types ``hadamard`` (powers of two) and
 ``random-hadamard`` (any size with a known Hadamard base, e.g. 172).
 
-This module builds that description; :func:`transform_config` is what an exporter would write. Fused MoE
-experts (3-D parameters, not Linear modules) are not targets. Wiring it into
-W8A8 calibration (the quantizer must observe the rotated input) and into ``save_compressed`` is not done yet.
+:func:`add_online_rotations` puts the rotation into the float model: each target becomes a
+:class:`~tico.experimental.quantization.algorithm.w8a8.rotation.RotatedInputLinear` (``x -> inner(x H)``) whose
+``inner`` Linear holds ``W H``; W8A8 then calibrates and quantizes ``inner`` on the rotated input, exactly as the
+run-time transform will feed it, and ``save_compressed`` writes the ``transform_config``
+(:mod:`tico.experimental.quantization.export.transforms`). :func:`transform_config` gives the same description
+as a compressed-tensors object, e.g. to apply it to a float model with the library. Fused MoE experts (3-D
+parameters, not Linear modules) are not targets.
 """
 
 from __future__ import annotations
