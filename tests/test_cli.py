@@ -394,3 +394,21 @@ def test_plot_title_names_the_consumers_ratio_and_alpha():
     title = plot_title(row)
     assert "model.layers.0.self_attn: k_proj, q_proj" in title and "41.3x" in title and "2.5x" in title
     assert "alpha=0.85" in title and title.startswith("input of")
+
+@pytest.mark.parametrize("rotate,scheme", [("fused", "smooth"), ("online", "w8a8-static")])
+def test_quantize_with_rotations(rotate, scheme, tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--samples", "4",
+                 "--seq-len", "32", "--scheme", scheme, "--rotate", rotate, "--output", str(out)]) == 0
+    assert "rotations fused into llama" in capsys.readouterr().out.lower()
+    code = main(["eval", "--model", str(out), "--reference", str(tiny_model_dir), "--dataset", str(text_file),
+                 "--seq-len", "32", "--max-windows", "2"])
+    printed = capsys.readouterr().out
+    change = float(printed.split("change vs reference:")[1].strip().rstrip("%"))
+    assert code == 0 and abs(change) < (0.01 if scheme == "smooth" else 5.0)
+
+
+def test_online_rotation_needs_w8a8(text_file, tmp_path, capsys):
+    code = main(["quantize", "--model", "x", "--dataset", str(text_file), "--scheme", "smooth", "--rotate", "online",
+                 "--output", str(tmp_path / "o")])
+    assert code == 2 and "--rotate online needs a W8A8 scheme" in capsys.readouterr().err

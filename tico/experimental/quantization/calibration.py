@@ -42,6 +42,7 @@ class QuantizationResult:
 
     model: torch.nn.Module
     quantizer: Any
+    notes: str = ""  # what was done before calibration (e.g. rotations), for the summary
 
     @property
     def plan(self) -> Any:

@@ -100,6 +100,26 @@ def save_quantized(result: QuantizationResult, tokenizer: Any, output: str | Pat
     return write_atomically(output, write)
 
 
+ROTATIONS = ("none", "fused", "online")
+
+
+def apply_rotations(model: torch.nn.Module, mode: str) -> str:
+    """Rotate ``model`` before calibration: ``"fused"`` folds a Hadamard rotation of the residual stream (and of
+    each head's values) into the float weights, exactly; ``"online"`` also rotates ``down_proj`` inputs at run
+    time (exported as a compressed-tensors ``transform_config``). Returns what was done, for the summary."""
+    from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations
+    from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
+
+    if mode not in ROTATIONS:
+        raise ValueError(f"rotate must be one of {list(ROTATIONS)}, got {mode!r}")
+    if mode == "none":
+        return ""
+    lines = [fuse_rotations(model).summary()]
+    if mode == "online":
+        lines.append(f"online Hadamard on the inputs of {len(add_online_rotations(model))} layers")
+    return "\n".join(lines)
+
+
 def quantize_to_folder(
     model_name: str,
     tokenizer: Any,
@@ -111,11 +131,17 @@ def quantize_to_folder(
     device: str = "cpu",
     trust_remote_code: bool = False,
     options: dict[str, Any] | None = None,
+    rotate: str = "none",
 ) -> QuantizationResult:
-    """Load ``model_name``, calibrate on ``calibration``, convert with ``config`` and write ``output``."""
+    """Load ``model_name``, (optionally rotate it,) calibrate on ``calibration``, convert with ``config`` and
+    write ``output``."""
     start = time.perf_counter()
     model = load_model(model_name, dtype, device, trust_remote_code, causal_lm=True)
+    rotated = apply_rotations(model, rotate)
+    if rotated:
+        logger.info("%s", rotated)
     result = quantize_model(model, config, calibration.windows, batch_size, device)
+    result.notes = rotated
     metadata = run_metadata(result, config, calibration, dict(options or {}, model=model_name))
     save_quantized(result, tokenizer, output, metadata)
     logger.info("quantized %s into %s in %.1fs", model_name, output, time.perf_counter() - start)

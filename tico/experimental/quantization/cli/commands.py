@@ -103,10 +103,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = {"scheme": args.scheme, "alpha": args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.scheme],
                "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
                "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
-               "device": args.device}
+               "device": args.device, "rotate": args.rotate}
     try:
         result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
-                                    args.dtype, args.device, args.trust_remote_code, options)
+                                    args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate)
     except (OSError, ValueError) as exc:
         # Raised while writing (export refusals, disk full): the staging folder is already removed.
         from tico.experimental.quantization.quantizer import QuantizationError
@@ -114,6 +114,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if isinstance(exc, QuantizationError):
             raise
         raise CliError(f"cannot write {args.output}: {type(exc).__name__}: {exc}", EXIT_OUTPUT) from None
+    if result.notes:
+        out(result.notes)
     out(result.summary())
     out(f"saved {args.scheme} checkpoint to {args.output} in {time.perf_counter() - start:.1f}s "
         f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
@@ -130,6 +132,9 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
     if args.alpha == "auto" and args.scheme == "smooth":
         raise CliError("--alpha auto needs a W8A8 scheme to score alphas against: use --scheme w8a8-static or "
                        "w8a8-dynamic, or a number such as --alpha 0.5", EXIT_ARGS)
+    if getattr(args, "rotate", "none") == "online" and args.scheme == "smooth":
+        raise CliError("--rotate online needs a W8A8 scheme (a float checkpoint has no place for run-time rotations); "
+                       "use --rotate fused with --scheme smooth", EXIT_ARGS)
     ignore = getattr(args, "ignore", [])
     if ignore and args.scheme == "smooth":
         raise CliError("--ignore applies to the W8A8 schemes (smoothing keeps no layer in float)", EXIT_ARGS)

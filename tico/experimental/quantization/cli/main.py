@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", default=[], metavar="MODULE",
                    help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes "
                         "(default: none; the LM head always stays float)")
+    q.add_argument("--rotate", choices=["none", "fused", "online"], default="none",
+                   help="fused: rotate the residual stream and each head's values by Hadamard matrices folded into the "
+                        "float weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a "
+                        "run-time Hadamard on down_proj inputs (w8a8 schemes; exported as a compressed-tensors "
+                        "transform_config) (default: %(default)s)")
     q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
                    help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
                         "(default: on for w8a8 schemes, off for smooth)")

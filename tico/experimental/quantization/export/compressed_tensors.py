@@ -7,8 +7,10 @@ Layout: every :class:`W8A8Linear` becomes ``<name>.weight`` (int8 ``[out, in]``)
 ``QuantizationScheme`` / ``QuantizationArgs`` classes (they validate it and follow the format's changes).
 Weights go into sharded safetensors with an index, like transformers (see :mod:`.shards`).
 
-What the format cannot hold is refused before anything is written: smoothing inside an activation quantizer
-(``smooth_in_quantizer=True``), input rotations, int8 embeddings.
+Online Hadamard rotations of a layer's input (``add_online_rotations``) are written as a compressed-tensors
+``transform_config`` (see :mod:`.transforms`). What the format cannot hold is refused before anything is
+written: smoothing inside an activation quantizer (``smooth_in_quantizer=True``), other input rotations
+(``W8A8Config.rotate``), int8 embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from tico.experimental.quantization.export import transforms
 from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, read_tensors, safetensors_files
 from tico.experimental.quantization.nn.embedding import Int8Embedding
 from tico.experimental.quantization.nn.linear import W8A8Linear
@@ -62,10 +65,23 @@ def build_quantization_config(schemes: dict[str, Scheme], ignore: Iterable[str])
     return config.model_dump(mode="json", exclude_none=True)
 
 
+def w8a8_layers(model: nn.Module) -> dict[str, W8A8Linear]:
+    """Every int8 layer by its checkpoint name: the layer behind an exportable online rotation takes the rotation's
+    name (``<name>.inner`` -> ``<name>``), so the checkpoint has the model's own module names."""
+    online, _ = transforms.online_layers(model)
+    inner = {id(m.inner): name for name, m in online.items()}
+    return {inner.get(id(m), n): m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any]:
-    """The ``quantization_config`` block of ``model`` (its W8A8Linear layers; other Linears are ignored)."""
-    schemes = {n: layer_scheme(m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
-    return build_quantization_config(schemes, float_linears(model))
+    """The ``quantization_config`` block of ``model`` (its W8A8Linear layers; other Linears are ignored), with a
+    ``transform_config`` when layers carry an online Hadamard."""
+    schemes = {n: layer_scheme(m) for n, m in w8a8_layers(model).items()}
+    config = build_quantization_config(schemes, float_linears(model))
+    online, _ = transforms.online_layers(model)
+    if online:
+        config["transform_config"] = transforms.transform_config(list(online))
+    return config
 
 
 def float_linears(model: nn.Module, prefix: str = "") -> list[str]:
@@ -78,10 +94,13 @@ def check_exportable(model: nn.Module) -> None:
     where = type(model).__name__
     if any(isinstance(m, Int8Embedding) for m in model.modules()):
         raise ValueError(f"{where}: compressed-tensors export of int8 embeddings is not supported; quantize with quantize_embeddings=False")
-    rotated = [n for n, m in model.named_modules() if hasattr(m, "rotation") and isinstance(getattr(m, "inner", None), W8A8Linear)]
+    _, rotated = transforms.online_layers(model)
     if rotated:
-        raise ValueError(f"{where}: compressed-tensors has no place for input rotations ({rotated[:3]}...); quantize without W8A8Config.rotate to export")
-    inner = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.quantization_state()["smooth_scale"] is not None]
+        raise ValueError(
+            f"{where}: compressed-tensors has no place for these input rotations ({rotated[:3]}...): only one Hadamard "
+            "block without smoothing is exported (add_online_rotations); quantize without W8A8Config.rotate to export"
+        )
+    inner = [n for n, m in w8a8_layers(model).items() if m.quantization_state()["smooth_scale"] is not None]
     if inner:
         raise ValueError(
             f"{where}: compressed-tensors has no place for smoothing inside the activation quantizer ({inner[:3]}...); "
@@ -95,12 +114,13 @@ def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = ""
     A parameter shared by several names (a tied LM head) is written once, under its first name, as
     ``save_pretrained`` does.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    layers = w8a8_layers(model)
+    online, _ = transforms.online_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, value in model.state_dict(keep_vars=True).items():
         owner = name.rpartition(".")[0]
-        if owner in layers:
+        if owner in layers or owner in online or owner.removesuffix(".inner") in online:
             continue
         if id(value) in seen:  # tied: saved under its first name only
             continue
@@ -114,6 +134,7 @@ def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = ""
             tensors[f"{prefix}{name}.bias"] = state["bias"]
         if state["input_scale"] is not None:
             tensors[f"{prefix}{name}.input_scale"] = state["input_scale"].to(dtype)
+    tensors.update({prefix + k: v for k, v in transforms.transform_tensors(online).items()})
     return tensors
 
 
@@ -171,7 +192,9 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-    state = dict(tensors)
+    online = transforms.online_names(qconfig.get("transform_config"))
+    transform_keys = {k for k in tensors for n in online if k.startswith(n + ".") and k.endswith("_input.weight")}
+    state = {k: v for k, v in tensors.items() if k not in transform_keys}
     for name, module in model.named_modules():
         if isinstance(module, W8A8Linear) and f"{name}.input_scale" in state:
             state[f"{name}.act_scale"] = state.pop(f"{name}.input_scale").reshape(()).float()
@@ -179,6 +202,8 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
     missing = [k for k in missing if not k.endswith(("smooth_scale", "act_scale")) and "lm_head" not in k]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if online:
+        transforms.wrap(model, online, tensors)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model

@@ -1,0 +1,126 @@
+"""Fused rotations (a plain checkpoint) + W8A8, side by side with the same recipe without rotation.
+
+Rotations are fused into the float weights first (``fuse_rotations``: residual stream Q and per-head value
+rotations, randomized Hadamard), then the model is quantized as usual. Everything stays exportable to
+compressed-tensors (no in-quantizer smoothing, no in-quantizer rotation), except the reference row that uses the
+in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and "online Hadamard down_proj": ``down_proj``'s input,
+which no weight can absorb, rotated at run time by a Hadamard (``add_online_rotations``), which compressed-tensors
+describes as a ``transform_config`` (``save_compressed`` writes it).
+
+1. The real model ``../shared/data/stories260K-hf``: the protocol of ``benchmarks/accuracy.py`` (calibration on
+   32 windows of 256 tokens of ``tinystories/validation_head.txt``, perplexity and mean KL to the float model on
+   16 later disjoint windows).
+2. The random Llama with outlier norm channels of ``benchmarks/accuracy.py``: mean KL to float.
+
+    python benchmarks/rotation.py                 # both parts
+    python benchmarks/rotation.py --part real --backend fake
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import SHARED, outlier_llama, quantize  # noqa: E402
+
+from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations  # noqa: E402
+from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations  # noqa: E402
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig  # noqa: E402
+from tico.experimental.quantization.config.w8a8 import W8A8Config  # noqa: E402
+from tico.experimental.quantization.evaluation.data import read_text, token_windows  # noqa: E402
+from tico.experimental.quantization.evaluation.fidelity import logit_fidelity  # noqa: E402
+from tico.experimental.quantization.evaluation.perplexity import perplexity  # noqa: E402
+
+
+def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
+    """(name, rotations before quantizing: "" / "fused" / "fused+online", config) for one activation mode."""
+    common = dict(activations=activations, backend=backend, act_range="mse")
+    smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
+    return [
+        ("naive W8A8", "", W8A8Config(**common)),
+        ("fused rotations + naive W8A8", "fused", W8A8Config(**common)),
+        ("SmoothQuant auto, linear producers", "", W8A8Config(smoothing=smooth, **common)),
+        ("fused rotations + SmoothQuant", "fused", W8A8Config(smoothing=smooth, **common)),
+        ("fused + online Hadamard down_proj + SmoothQuant", "fused+online", W8A8Config(smoothing=smooth, **common)),
+        ("(ref) in-quantizer smooth+rotate, not exportable", "",
+         W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
+    ]
+
+
+def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Callable[[], torch.nn.Module]:
+    def make() -> torch.nn.Module:
+        model = load()
+        if rotate:
+            fuse_rotations(model, seed=seed)
+        if rotate == "fused+online":
+            add_online_rotations(model, seed=seed)
+        return model
+
+    return make
+
+
+def real_model(backend: str, seed: int) -> None:
+    model_dir = SHARED / "stories260K-hf"
+    if not model_dir.exists():
+        print(f"skipping the real model: {model_dir} not found")
+        return
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = token_windows(tokenizer, read_text(SHARED / "tinystories" / "validation_head.txt"), 256)
+    calib, evaluation = windows[:32], windows[32:48]
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    reference = load()
+    float_ppl = perplexity(reference, None, evaluation.reshape(-1), seq_len=256).ppl
+    rotated = loader(load, "fused", seed)()
+    rot_ppl = perplexity(rotated, None, evaluation.reshape(-1), seq_len=256).ppl
+    print(f"\nstories260K: calibration 32x256, evaluation 16x256 tokens; float perplexity {float_ppl:.4f} "
+          f"(rotated float {rot_ppl:.4f})")
+    print(f"{'activations':10s} {'recipe':50s} {'ppl':>8s} {'vs float':>9s} {'mean KL':>9s} {'top-1':>7s} {'time':>6s}")
+    for activations in ("static", "dynamic"):
+        for name, rotate, config in rows(activations, backend):
+            start = time.perf_counter()
+            q = quantize(loader(load, rotate, seed), calib, config)
+            ppl = perplexity(q, None, evaluation.reshape(-1), seq_len=256).ppl
+            fid = logit_fidelity(q, reference, evaluation)
+            print(f"{activations:10s} {name:50s} {ppl:8.4f} {100 * (ppl / float_ppl - 1):+8.3f}% {fid.kl:9.5f} "
+                  f"{fid.top1_agreement:7.4f} {time.perf_counter() - start:5.1f}s", flush=True)
+
+
+def random_model(backend: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 512, (32, 128), generator=gen)
+    evaluation = torch.randint(0, 512, (16, 128), generator=gen)
+    reference = outlier_llama()
+    print("\nrandom Llama with outlier norm channels (x20..x60): mean KL to float")
+    for activations in ("static", "dynamic"):
+        for name, rotate, config in rows(activations, backend):
+            q = quantize(loader(outlier_llama, rotate, seed), calib, config)
+            fid = logit_fidelity(q, reference, evaluation)
+            print(f"  {activations:8s} {name:50s} KL {fid.kl:.4f}  top-1 {fid.top1_agreement:.4f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["real", "random", "all"], default="all")
+    parser.add_argument("--backend", choices=["int8", "fake"], default="int8", help="default: int8")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fused rotations")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part in ("real", "all"):
+        real_model(args.backend, args.seed)
+    if args.part in ("random", "all"):
+        random_model(args.backend, args.seed)
+
+
+if __name__ == "__main__":
+    main()

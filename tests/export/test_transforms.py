@@ -1,0 +1,74 @@
+"""Online Hadamard rotations exported as a compressed-tensors transform_config, and loaded back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tico.experimental.quantization import convert, prepare
+from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations
+from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
+from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
+from tico.experimental.quantization.nn.linear import W8A8Linear
+from zoo import build_model, input_ids
+
+
+def _quantized(activations: str = "static", **kw):
+    model = build_model("llama")
+    fuse_rotations(model)
+    add_online_rotations(model)
+    ids = input_ids("llama", batch=4, seq=16)
+    model = prepare(model, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5, linear_producers=True),
+                                      activations=activations, **kw))
+    with torch.no_grad():
+        model(ids)
+    return convert(model), ids
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_round_trip_with_transform_config(activations: str, tmp_path) -> None:
+    q, ids = _quantized(activations)
+    save_compressed(q, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    (scheme,) = raw["transform_config"]["config_groups"].values()
+    assert scheme["type"] == "random-hadamard"
+    targets = scheme["apply"][0]["targets"]
+    assert targets == [r"re:^model\.layers\.0\.mlp\.down_proj$", r"re:^model\.layers\.1\.mlp\.down_proj$"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    assert not any(".inner." in k or k.endswith(".rotation") for k in tensors)
+    t = tensors["model.layers.0.mlp.down_proj.r4_input.weight"]
+    assert torch.equal(t.abs(), torch.ones_like(t))
+    loaded = load_compressed(tmp_path)
+    layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(layer, RotatedInputLinear) and isinstance(layer.inner, W8A8Linear)
+    loaded.set_attn_implementation(q.config._attn_implementation)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+
+
+def test_compressed_tensors_reads_the_transform_config(tmp_path) -> None:
+    """The library parses our block and, applied to the dequantized float model, reproduces our layers' maths."""
+    ct = pytest.importorskip("compressed_tensors.transform")
+    q, _ = _quantized("dynamic")
+    save_compressed(q, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
+    config = ct.TransformConfig.model_validate(raw)
+    assert config.config_groups["r4"].apply[0].location == "input"
+
+
+def test_random_block_rotations_still_refused(tmp_path) -> None:
+    model = build_model("llama")
+    ids = input_ids("llama", batch=4, seq=16)
+    model = prepare(model, W8A8Config(activations="dynamic", rotate=("down_proj",)))
+    with torch.no_grad():
+        model(ids)
+    with pytest.raises(ValueError, match="only one Hadamard block"):
+        save_compressed(convert(model), tmp_path)

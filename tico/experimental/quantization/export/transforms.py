@@ -1,0 +1,114 @@
+"""Online Hadamard rotations in compressed-tensors checkpoints (``quantization_config["transform_config"]``).
+
+A layer ``x -> inner(x R)`` (a :class:`RotatedInputLinear` around a :class:`W8A8Linear`, as
+:func:`~tico.experimental.quantization.algorithm.rotation.online.add_online_rotations` and W8A8 build it) is
+saved as the plain int8 layer ``<name>.weight`` (which already holds ``W R``) plus a compressed-tensors transform:
+``<name>.<group>_input.weight = R * sqrt(n)`` (entries +-1) and a ``random-hadamard`` scheme with an online
+``input`` location (``x -> x T / sqrt(n)``; vLLM runs it as a dense GEMM for this type, its hadacore kernel only for the
+unsigned Sylvester type ``hadamard``, and not with tensor parallelism) and an ``inverse`` ``weight_input`` location (already
+fused, recorded so the description is complete). Only rotations that are one Hadamard block (entries
+``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal rotations of ``W8A8Config.rotate`` do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.nn.linear import W8A8Linear
+
+GROUP = "r4"  # SpinQuant's name for the down_proj online rotation
+
+
+def is_hadamard(blocks: torch.Tensor) -> bool:
+    """Whether ``blocks`` (``[nb, b, b]``) is one orthogonal block with all entries ``+-1/sqrt(b)``."""
+    if blocks.dim() != 3 or blocks.shape[0] != 1:
+        return False
+    r = blocks[0].double()
+    n = r.shape[0]
+    return bool(torch.allclose(r.abs(), torch.full_like(r, 1 / math.sqrt(n)), rtol=1e-5)
+                and torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-5))
+
+
+def online_layers(model: nn.Module) -> tuple[dict[str, RotatedInputLinear], list[str]]:
+    """(exportable rotated layers by name, names of rotated layers that cannot be exported)."""
+    ok, refused = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, RotatedInputLinear) and isinstance(m.inner, W8A8Linear):
+            if m.smooth_scale is None and is_hadamard(m.rotation) and m.inner.quantization_state()["smooth_scale"] is None:
+                ok[name] = m
+            else:
+                refused.append(name)
+    return ok, refused
+
+
+def transform_tensors(layers: dict[str, RotatedInputLinear]) -> dict[str, torch.Tensor]:
+    """``<name>.<group>_input.weight``: the +-1 matrix of each layer's rotation.
+
+    vLLM keeps one tensor per (scheme, size) and shares it between layers, so layers of the same width must carry
+    the same matrix (``add_online_rotations`` does that); otherwise the export is refused.
+    """
+    out = {}
+    by_size: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, m in layers.items():
+        first = by_size.setdefault(m.rotation.shape[-1], (name, m.rotation))
+        if not torch.equal(first[1], m.rotation):
+            raise ValueError(f"online rotations of {first[0]} and {name} differ; vLLM shares one matrix per size "
+                             "in a transform group: use one rotation per width (add_online_rotations does)")
+    for name, m in layers.items():
+        r = m.rotation[0].double()
+        out[f"{name}.{GROUP}_input.weight"] = torch.round(r * math.sqrt(r.shape[0])).float()
+    return out
+
+
+def transform_config(names: list[str]) -> dict[str, Any]:
+    """The ``transform_config`` block (compressed-tensors ``TransformConfig.model_dump()`` layout)."""
+    targets = [f"re:^{n.replace('.', chr(92) + '.')}$" for n in names]
+    return {
+        "config_groups": {
+            GROUP: {
+                "type": "random-hadamard",  # the matrix is stored (our signs), not regenerated
+                "apply": [
+                    {"targets": targets, "location": "input", "inverse": False, "ignore": []},
+                    {"targets": targets, "location": "weight_input", "inverse": True, "ignore": []},
+                ],
+                "randomize": False,
+                "requires_grad": False,
+                "head_dim": None,
+                "precision": "torch.float32",
+            }
+        }
+    }
+
+
+def online_names(config: dict[str, Any]) -> list[str]:
+    """Module names with an online ``input`` Hadamard in a saved ``transform_config`` (exact-name targets only)."""
+    names = []
+    for scheme in (config or {}).get("config_groups", {}).values():
+        if scheme.get("type") not in ("hadamard", "random-hadamard"):
+            raise ValueError(f"transform type {scheme.get('type')!r} is not supported by load_compressed")
+        for args in scheme.get("apply", []):
+            if args.get("location") == "input":
+                for t in args["targets"]:
+                    if not (t.startswith("re:^") and t.endswith("$")):
+                        raise ValueError(f"transform target {t!r} is not an exact module name; load_compressed cannot place it")
+                    names.append(t[4:-1].replace("\\.", "."))
+    return names
+
+
+def wrap(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Put each named int8 layer back behind its rotation (``x -> layer(x R)``), from the saved +-1 matrices."""
+    for name in names:
+        key = next((k for k in tensors if k.startswith(name + ".") and k.endswith("_input.weight")), None)
+        if key is None:
+            raise ValueError(f"the checkpoint has a transform on {name} but no {name}.<group>_input.weight tensor")
+        t = tensors.pop(key).double()
+        layer = model.get_submodule(name)
+        device = next(iter(layer.state_dict().values()), torch.empty(0)).device
+        r = (t / math.sqrt(t.shape[0])).float().unsqueeze(0).to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, RotatedInputLinear(layer, r, None))
