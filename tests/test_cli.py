@@ -253,15 +253,22 @@ def test_pickle_only_model_is_refused_with_the_reason_and_the_fix(text_file, tmp
     assert "pytorch_model.bin" in line and "refused on purpose" in line and "save_pretrained" in line
 
 
-def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("streaming", [True, False])
+def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(streaming, tiny_model_dir, text_file, tmp_path, capsys,
+                                                               monkeypatch):
     from tico.experimental.quantization import calibration
+    from tico.experimental.quantization.pipeline import stream
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration, "calibrate", interrupted)
+    if streaming:  # interrupted while the first block converts, after the writer has started
+        monkeypatch.setattr(stream, "convert", interrupted)
+    else:
+        monkeypatch.setattr(calibration, "calibrate", interrupted)
     out = tmp_path / "new" / "out"
-    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32") == 130
+    extra = () if streaming else ("--in-memory",)
+    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32", *extra) == 130
     assert "interrupted" in _error(capsys)
     assert not (tmp_path / "new").exists()
 
@@ -275,7 +282,8 @@ def test_ctrl_c_while_writing_removes_the_partial_output(tiny_model_dir, text_fi
 
     monkeypatch.setattr(compressed_tensors, "save_compressed", half_written)
     out = tmp_path / "new" / "out"
-    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32", "--alpha", "0.5") == 130
+    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32", "--alpha", "0.5",
+                     "--in-memory") == 130
     assert "interrupted" in _error(capsys)
     assert not (tmp_path / "new").exists()
 
@@ -314,6 +322,18 @@ def test_quantize_defaults_are_the_best_exportable_recipe(tiny_model_dir, text_f
     config = json.loads((out / "tico_recipe.json").read_text())["config"]
     assert config["type"] == "W8A8Config" and config["activations"] == "static" and config["act_range"] == "mse"
     assert config["smoothing"]["alpha"] == "auto" and config["smoothing"]["linear_producers"] is True
+    printed = capsys.readouterr()
+    # streamed by default: a bar over the blocks (time per block) on stderr; the outcome on stdout: alphas,
+    # ranges, what stayed float; no "nothing to do" warnings for the part outside the blocks
+    assert "quantizing blocks" in printed.err and "s/block" in printed.err
+    assert "WARNING" not in printed.err
+    assert "alphas: min" in printed.out and "static activation ranges" in printed.out and "float lm_head" in printed.out
+    assert json.loads((out / "tico_recipe.json").read_text())["options"]["streamed"] is True
+
+
+def test_quantize_in_memory_reports_every_step(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(tiny_model_dir, text_file, out, "--samples", "4", "--seq-len", "32", "--in-memory") == 0
     printed = capsys.readouterr()
     # progress on stderr for every long step, and the outcome on stdout: alphas, ranges, what stayed float
     for step in ("loading", "preparing", "calibrating", "converting", "writing"):

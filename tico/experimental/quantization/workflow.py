@@ -132,9 +132,20 @@ def quantize_to_folder(
     trust_remote_code: bool = False,
     options: dict[str, Any] | None = None,
     rotate: str = "none",
+    streaming: bool = True,
 ) -> QuantizationResult:
     """Load ``model_name``, (optionally rotate it,) calibrate on ``calibration``, convert with ``config`` and
-    write ``output``."""
+    write ``output``.
+
+    With ``streaming`` (the default) the checkpoint is quantized block by block from its safetensors shards
+    (:func:`~tico.experimental.quantization.pipeline.quantize_checkpoint`): memory holds one decoder block and
+    the calibration hidden states, whatever the model's size, and later blocks calibrate on the quantized
+    outputs of earlier ones. Rotations (which rewrite the whole residual stream) and a ``dtype`` other than the
+    checkpoint's need the whole model in memory, so they take the in-memory path.
+    """
+    options = dict(options or {}, model=model_name)
+    if streaming and rotate == "none" and dtype == "auto":
+        return _stream_to_folder(model_name, tokenizer, config, calibration, output, batch_size, device, options)
     start = time.perf_counter()
     model = load_model(model_name, dtype, device, trust_remote_code, causal_lm=True)
     rotated = apply_rotations(model, rotate)
@@ -142,7 +153,45 @@ def quantize_to_folder(
         logger.info("%s", rotated)
     result = quantize_model(model, config, calibration.windows, batch_size, device)
     result.notes = rotated
-    metadata = run_metadata(result, config, calibration, dict(options or {}, model=model_name))
+    metadata = run_metadata(result, config, calibration, dict(options, streamed=False))
     save_quantized(result, tokenizer, output, metadata)
     logger.info("quantized %s into %s in %.1fs", model_name, output, time.perf_counter() - start)
     return result
+
+
+def _stream_to_folder(
+    model_name: str, tokenizer: Any, config: Any, calibration: CalibrationSet, output: str | Path, batch_size: int,
+    device: str, options: dict[str, Any],
+) -> QuantizationResult:
+    """The block-by-block path of :func:`quantize_to_folder`; the folder is published only when complete."""
+    from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
+    from tico.experimental.quantization.checkpoint import check_output
+    from tico.experimental.quantization.loading import InputError
+    from tico.experimental.quantization.pipeline import quantize_checkpoint
+    from tico.experimental.quantization.pipeline.checkpoint import resolve_checkpoint
+    from tico.experimental.quantization.quantizer import QuantizationError
+
+    start = time.perf_counter()
+    try:
+        folder = resolve_checkpoint(model_name)
+    except OSError as exc:
+        raise InputError(str(exc)) from None
+    check_output(output)
+
+    def finish(staging: Path, stream: Any) -> None:
+        result = QuantizationResult(None, stream)  # type: ignore[arg-type]
+        tokenizer.save_pretrained(staging)
+        plan = stream.plan
+        if plan is not None and plan.smoothed:
+            save_recipe(plan, staging / "smoothquant_recipe.json")
+        (staging / RECIPE_FILE).write_text(json.dumps(run_metadata(result, config, calibration, dict(options, streamed=True)), indent=1))
+
+    try:
+        stream = quantize_checkpoint(folder, config, calibration.windows.split(batch_size), output, device=device,
+                                     progress=True, before_publish=finish)
+    except (QuantizationError, OSError, InputError):
+        raise
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise QuantizationError(f"streamed quantization failed: {type(exc).__name__}: {exc}") from exc
+    logger.info("quantized %s into %s block by block in %.1fs", model_name, output, time.perf_counter() - start)
+    return QuantizationResult(None, stream)  # type: ignore[arg-type]

@@ -106,7 +106,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "device": args.device, "rotate": args.rotate}
     try:
         result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
-                                    args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate)
+                                    args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate,
+                                    streaming=args.streaming)
     except (OSError, ValueError) as exc:
         # Raised while writing (export refusals, disk full): the staging folder is already removed.
         from tico.experimental.quantization.quantizer import QuantizationError

@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "float weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a "
                         "run-time Hadamard on down_proj inputs (w8a8 schemes; exported as a compressed-tensors "
                         "transform_config) (default: %(default)s)")
+    q.add_argument("--in-memory", dest="streaming", action="store_false", default=True,
+                   help="load the whole model instead of streaming it block by block from its safetensors shards "
+                        "(the default streams: memory holds one block, and each block calibrates on the quantized "
+                        "outputs of the blocks before it; --rotate and --dtype other than auto always load it whole)")
     q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
                    help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
                         "(default: on for w8a8 schemes, off for smooth)")

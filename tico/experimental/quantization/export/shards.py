@@ -84,6 +84,11 @@ class ShardWriter:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> "ShardWriter":
+        self._created = []  # parent folders this writer creates, removed again if it never publishes
+        parent = self.output_dir.parent
+        while not parent.exists():
+            self._created.append(parent)
+            parent = parent.parent
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.staging.exists():
             shutil.rmtree(self.staging)
@@ -96,6 +101,11 @@ class ShardWriter:
             self._data = None
         if not self._published:
             shutil.rmtree(self.staging, ignore_errors=True)
+            for folder in getattr(self, "_created", []):  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             logger.info("no output written to %s (interrupted before completion)", self.output_dir)
 
     # -- tensors -------------------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -62,7 +63,47 @@ class StreamResult:
     phases: list[dict[str, float]] = field(default_factory=list)  # per block: seconds per phase
     rest_s: float = 0.0
     total_s: float = 0.0
-    reports: dict[str, Any] = field(default_factory=dict)  # unit name -> the quantizer's report/plan summary
+    reports: dict[str, Any] = field(default_factory=dict)  # unit name -> a one-line summary
+    quantizers: dict[str, Any] = field(default_factory=dict)  # unit name -> UnitOutcome (its plan and report)
+
+    @property
+    def plan(self) -> Any:
+        """Every unit's smoothing plan as one (model order), or None when no unit smooths."""
+        from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingPlan
+
+        plans = [getattr(q, "plan", None) for q in self.quantizers.values()]
+        plans = [p for p in plans if p is not None]
+        return SmoothingPlan([g for p in plans for g in p.groups]) if plans else None
+
+    @property
+    def report(self) -> Any:
+        """Every unit's W8A8 report merged (quantized layers, float layers, alphas, ranges), or None."""
+        from tico.experimental.quantization.algorithm.w8a8.quantizer import W8A8Report
+
+        reports = [getattr(q, "report", None) for q in self.quantizers.values()]
+        reports = [r for r in reports if r is not None]
+        if not reports:
+            return None
+        merged = W8A8Report()
+        for r in reports:
+            merged.quantized += r.quantized
+            merged.kept_float.update(r.kept_float)
+            merged.alphas.update(r.alphas)
+            merged.act_ranges.update(r.act_ranges)
+        return merged
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What one unit's quantizer decided (smoothing plan, W8A8 report): small, unlike the quantizer itself,
+    whose observers hold row samples that must be freed with the block."""
+
+    plan: Any
+    report: Any
+
+    @classmethod
+    def of(cls, quantizer: Any) -> "UnitOutcome":
+        return cls(getattr(quantizer, "plan", None), getattr(quantizer, "report", None))
 
 
 def _check_config(config: BaseConfig, writes: bool) -> None:
@@ -143,7 +184,7 @@ def quantize_checkpoint(
     blocks: str | None = None,
     attn_implementation: str | None = None,
     progress: bool = False,
-    before_publish: Callable[[Path], None] | None = None,
+    before_publish: Callable[[Path, "StreamResult"], None] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> StreamResult:
     """Quantize a safetensors checkpoint block by block into ``output_dir``.
@@ -164,7 +205,8 @@ def quantize_checkpoint(
         blocks: dotted path of the decoder blocks' ``nn.ModuleList`` (found automatically otherwise).
         attn_implementation: passed to transformers when the skeleton is built (e.g. ``"eager"``).
         progress: show a tqdm bar over the blocks (time per block); otherwise the library only logs.
-        before_publish: called with the staging folder before it is renamed into place (tokenizer, recipe, ...).
+        before_publish: called with the staging folder and the result so far (plans, reports) before the folder
+            is renamed into place: write the tokenizer, recipes, metadata there.
         on_block: called with each block's index after it is written and freed (monitoring, tests).
     """
     start = time.perf_counter()
@@ -212,13 +254,14 @@ def quantize_checkpoint(
             for i in range(n_blocks):
                 t0 = time.perf_counter()
                 phases: dict[str, float] = {}
-                hidden, returns_tuple, summary = _process_block(
+                hidden, returns_tuple, summary, quantizer = _process_block(
                     ckpt, config, blocks_path, i, block_keys[i], hidden, calls[i], device, propagate, out, state_names, phases
                 )
                 result.phases.append(phases)
                 block_list[i] = BlockStub(returns_tuple)
                 calls[i] = []
                 result.reports[f"{blocks_path}.{i}"] = summary
+                result.quantizers[f"{blocks_path}.{i}"] = UnitOutcome.of(quantizer)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 result.block_s.append(time.perf_counter() - t0)
@@ -237,12 +280,15 @@ def quantize_checkpoint(
         t0 = time.perf_counter()
         ckpt.load(rest_keys, rest_expected)
         model.to(device)
-        result.reports["rest"] = _process_rest(model, config, blocks_path, block_list, batches, hidden, device, out)
+        result.reports["rest"], rest_quantizer = _process_rest(
+            model, config, blocks_path, block_list, batches, hidden, device, out
+        )
+        result.quantizers["rest"] = UnitOutcome.of(rest_quantizer)
         result.rest_s = time.perf_counter() - t0
         out.finish(ckpt.folder, ckpt.config)
         if writer is not None:
             if before_publish is not None:
-                before_publish(writer.staging)
+                before_publish(writer.staging, result)
             writer.publish()
     result.total_s = time.perf_counter() - start
     return result
@@ -276,8 +322,9 @@ def _process_block(
     ckpt: Checkpoint, config: BaseConfig, blocks_path: str, i: int, keys: list[str], hidden: list[torch.Tensor],
     calls: list[BlockCall], device: torch.device, propagate: Propagate, out: _Output, state_names: list[str],
     phases: dict[str, float],
-) -> tuple[list[torch.Tensor], bool, str]:
-    """Load -> prepare -> calibrate -> convert -> propagate -> write -> free one block (``phases``: seconds)."""
+) -> tuple[list[torch.Tensor], bool, str, Any]:
+    """Load -> prepare -> calibrate -> convert -> propagate -> write -> free one block (``phases``: seconds).
+    Returns the block's outputs, whether it returns a tuple, a one-line summary and its quantizer."""
     clock = _Clock(phases, device)
     block_path = f"{blocks_path}.{i}"
     block = ckpt.model.get_submodule(block_path)
@@ -287,6 +334,7 @@ def _process_block(
     shell = BlockShell(blocks_path, i, block)
     prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(hidden[0], *calls[0].args),
             kwargs=calls[0].kwargs if calls[0].hidden_key is None else {**calls[0].kwargs, calls[0].hidden_key: hidden[0]})
+    quantizer = get_quantizer(shell)  # convert detaches it: kept for the plan and report
     outputs, returns_tuple = [], False
     for h, call in zip(hidden, calls):
         o = call(shell, h)
@@ -302,7 +350,7 @@ def _process_block(
     out.add(shell)
     Checkpoint.release(block)
     clock("write")
-    return outputs, returns_tuple, summary
+    return outputs, returns_tuple, summary, quantizer
 
 
 class _Clock:
@@ -324,15 +372,32 @@ def _summary_or_empty(unit: nn.Module) -> str:
     return f"{len(lines)} W8A8 layers" if lines else "float"
 
 
+@contextmanager
+def _quiet_if_nothing_to_do() -> Iterator[None]:
+    """Outside the blocks there is usually nothing to quantize (the LM head stays float, the final norm feeds only
+    it): the quantizers' "nothing to do" warnings are expected there, so they are silenced for that unit."""
+    loggers = [logging.getLogger(f"tico.experimental.quantization.algorithm.{m}.quantizer") for m in ("w8a8", "smoothquant")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
 @torch.no_grad()
 def _process_rest(
     model: nn.Module, config: BaseConfig, blocks_path: str, block_list: nn.ModuleList, batches: list[Batch],
     hidden: list[torch.Tensor], device: torch.device, out: _Output,
-) -> str:
-    """Embeddings, final norm, LM head and anything else outside the blocks: prepare/calibrate/convert/write."""
+) -> tuple[str, Any]:
+    """Embeddings, final norm, LM head and anything else outside the blocks: prepare/calibrate/convert/write.
+    Returns a one-line summary and the quantizer."""
     last: BlockStub = block_list[len(block_list) - 1]  # type: ignore[assignment]
     scoped = scoped_config(config, None, blocks_path, model)
-    prepare(model, scoped)
+    with _quiet_if_nothing_to_do():
+        prepare(model, scoped)
     quantizer = get_quantizer(model)
     idle = getattr(quantizer, "observers", None) == {} and not getattr(quantizer, "attention_modules", None)
     for batch, h in zip([] if idle else batches, hidden):  # nothing observes: no forward (LM head logits) needed
@@ -340,6 +405,7 @@ def _process_rest(
         inputs = model_inputs(model, batch)
         model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
     last.feed = None
-    convert(model)
+    with _quiet_if_nothing_to_do():
+        convert(model)
     out.add(model)
-    return _summary_or_empty(model)
+    return _summary_or_empty(model), quantizer
