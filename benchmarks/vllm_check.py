@@ -104,7 +104,8 @@ def calibration_and_prompts(tokenizer, n_calib: int, seq_len: int, n_prompts: in
 
 
 def export_checkpoints(out: Path, size: str, n_calib: int = 16, seq_len: int = 128, n_prompts: int = 4,
-                       prompt_len: int = 24, seed: int = 0, init_std: float = 0.1) -> tuple[dict[str, Path], list[list[int]]]:
+                       prompt_len: int = 24, seed: int = 0, init_std: float = 0.1,
+                       ) -> tuple[dict[str, Path], list[list[int]]]:
     """Calibrate one random model per scheme and save ``out/static`` and ``out/dynamic`` (tokenizer included)."""
     import torch
     from transformers import AutoTokenizer
@@ -476,7 +477,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     server_for = () if args.no_server else ("static", "dynamic")
     rows, margins = check(work, args.vllm_python, args.size, args.prompts, args.max_tokens, args.dtype, server_for,
                           init_std=args.init_std)
-    print(f"\nvLLM ({args.dtype}) vs load_compressed (int8 kernels), model size {args.size!r}, init std {args.init_std}")
+    print(f"\nvLLM ({args.dtype}) vs load_compressed (int8 kernels), model size {args.size!r}, "
+          f"init std {args.init_std}")
     print(f"{'scheme':8s} {'path':8s} {'prompt max|dlogp|':>18s} {'<=1e-4':>8s} {'greedy same':>12s} "
           f"{'decode max|dlogp|':>18s}  int8 kernel in vLLM log")
     for r in rows:
