@@ -37,6 +37,7 @@ from tico.experimental.quantization.registry import register_quantizer
 from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.nn.qscheme import range_to_scale
+from tico.experimental.quantization.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,8 @@ class W8A8Quantizer(BaseQuantizer):
             smoothing = self.sq.plan_scales(model, alphas=alphas)
             self.fail(model, self.sq.validate(model, smoothing))
             report.alphas.update(smoothing.alphas)
-        layers = {name: self._plan_layer(model, name, smoothing, quant, report) for name in self.targets}
+        layers = {name: self._plan_layer(model, name, smoothing, quant, report)
+                  for name in track(self.targets, "planning int8 layers (ranges)")}
         report.quantized = list(layers)
         embedding = self._plan_embeddings(model, layers, report) if cfg.quantize_embeddings else []
         return ConversionPlan(smoothing, layers, embedding, attention_scales, report)
@@ -389,7 +391,7 @@ class W8A8Quantizer(BaseQuantizer):
         quantized reproduces their outputs best (a group with none of them keeps its default alpha)."""
         assert self.sq is not None
         alphas = {}
-        for g in self.sq.plan.smoothed:
+        for g in track(self.sq.plan.smoothed, "choosing alphas (per group)"):
             terms = []
             for c in g.consumers:
                 obs = self.observers.get(c.module)
