@@ -34,7 +34,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import to_colum
 from tico.experimental.quantization.algorithm.w8a8.ranges import RangeSketch, static_range
 from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range, fake_quant_weight
 
-SCORE_ROWS = 512
+SCORE_ROWS = 256
 """Rows of the calibration sample scored per alpha (a seeded uniform subset when the sample is larger)."""
 SEED = 0
 
