@@ -3,7 +3,9 @@
 A seeded random Llama (4 layers, hidden 256, RMSNorm weights with a few x20..x60 outlier channels, as in
 ``benchmarks/accuracy.py``), calibrated on 32 sequences of 256 random tokens (batches of 8). Per recipe it
 prints the time of calibration (prepare + the calibration forwards), of ``convert``, of one plain float forward
-over the same 32x256 tokens (measured right before, on the same model), and ``(calib + convert) / forward``.
+over the same 32x256 tokens (measured right before, on the same model), and ``(calib + convert) / forward``;
+calibration includes ``prepare`` (its one-off probe forward is also shown alone). CPU seconds are the honest
+measure on a loaded machine with ``--threads 1`` (with more threads, OpenMP's spinning inflates them).
 
 Recipes: ``naive`` (static abs-max ranges, no smoothing), ``exportable`` (auto alpha, linear producers, MSE
 ranges: what compressed-tensors can store) and ``accurate`` (+ smoothing inside the quantizer, rotations).
@@ -104,7 +106,9 @@ def main() -> None:
         fwd.stop()
 
         cal = Clock()
+        prep = Clock()
         model = prepare(model, config)
+        prep.stop()
         forward_all(model, calib, args.batch)
         cal.stop()
 
@@ -117,7 +121,8 @@ def main() -> None:
             profiler.disable()
         conv.stop()
         print(f"{name:12s} {fwd.wall:7.2f}s {cal.wall:7.2f}s {conv.wall:7.2f}s {(cal.wall + conv.wall) / fwd.wall:6.2f}   "
-              f"{fwd.cpu:7.2f}s {cal.cpu:7.2f}s {conv.cpu:7.2f}s {(cal.cpu + conv.cpu) / fwd.cpu:6.2f}", flush=True)
+              f"{fwd.cpu:7.2f}s {cal.cpu:7.2f}s {conv.cpu:7.2f}s {(cal.cpu + conv.cpu) / fwd.cpu:6.2f}   "
+              f"(prepare {prep.wall:.2f}s wall, {prep.cpu:.2f}s cpu)", flush=True)
         if profiler is not None:
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats(args.sort).print_stats(args.top)

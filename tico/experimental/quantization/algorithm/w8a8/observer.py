@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
+from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, channel_absmax_of
 
 
 class _Step:
@@ -64,8 +64,7 @@ class SampledChannelObserver(ChannelAbsMaxObserver):
         flat = x.detach().reshape(-1, self.channels)
         if flat.shape[0] == 0:
             return
-        lo, hi = torch.aminmax(flat, dim=0)
-        current = torch.maximum(hi, lo.neg()).float()
+        current = channel_absmax_of(flat)
         self.absmax = current.clone() if self.absmax is None else torch.maximum(self.absmax, current)
         self.calls += 1
         self.rows += flat.shape[0]
