@@ -21,7 +21,7 @@ from tico.experimental.quantization.algorithm.smoothquant.observer import Channe
 from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantQuantizer, observed_width
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
-from tico.experimental.quantization.algorithm.w8a8 import attention
+from tico.experimental.quantization.algorithm.w8a8 import attention, massive
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
@@ -65,10 +65,12 @@ class W8A8Report:
     kept_float: dict[str, str] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)  # group or layer -> alpha used
     act_ranges: dict[str, float] = field(default_factory=dict)  # layer -> static range (static only)
+    act_modes: dict[str, str] = field(default_factory=dict)  # layer -> chosen activation mode and why (dynamic_fallback)
 
     def summary(self) -> str:
         lines = [f"W8A8: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept in float"]
         lines += [f"  float {name}: {why}" for name, why in self.kept_float.items()]
+        lines += [f"  {name}: {why}" for name, why in self.act_modes.items() if why.startswith("dynamic")]
         return "\n".join(lines)
 
 
@@ -108,8 +110,9 @@ class W8A8Quantizer(BaseQuantizer):
                 self.points[key] = g.observe  # type: ignore[assignment]
                 for c in g.consumers:
                     self.folded_by[c.module] = (g, c.channel_map)
+        observer = massive.MassiveRowObserver if self._mixed_modes else SampledChannelObserver  # [massive hook 1/2]
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
-            self.observers[name] = SampledChannelObserver(_weight_rows(model.get_submodule(name)).shape[1], rows)
+            self.observers[name] = observer(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
         if self.config.quantize_attention:
             self.attention_modules = attention.install(model)
@@ -119,6 +122,10 @@ class W8A8Quantizer(BaseQuantizer):
             raise ValueError(f"W8A8Config.rotate names that match no quantized layer: {unmatched}")
         self.attach(model)
         return model
+
+    @property
+    def _mixed_modes(self) -> bool:
+        return self.config.activations == "static" and self.config.dynamic_fallback is not None
 
     @staticmethod
     def _rotated(name: str, patterns: tuple[str, ...]) -> bool:
@@ -197,10 +204,14 @@ class W8A8Quantizer(BaseQuantizer):
                 r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
                 self.report.act_ranges[name] = r
                 act_scale = range_to_scale(r)
+            dynamic = cfg.activations == "dynamic"
+            if self._mixed_modes:  # [massive hook 2/2] static or dynamic for this layer, by measured error
+                dynamic = self._choose_mode(name, module, obs, divisor, smooth, sample, r, quant) == "dynamic"
+                act_scale = None if dynamic else act_scale
             replacements[name] = W8A8Linear.from_linear(
                 as_linear(module),
                 weight_granularity=cfg.weights,
-                act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
+                act_granularity="per_token" if dynamic else "per_tensor",
                 act_scale=act_scale,
                 smooth_scale=smooth,
                 backend=cfg.backend,
@@ -213,6 +224,21 @@ class W8A8Quantizer(BaseQuantizer):
             self._quantize_embeddings(model)
         logger.info("%s", self.report.summary())
         return model
+
+    def _choose_mode(self, name, module, obs, divisor, smooth, sample, static_r, quant) -> str:
+        """``dynamic_fallback``: keep ``name`` static unless its measured output error (ordinary and massive rows)
+        exceeds the budget; the choice and its numbers go to ``report.act_modes``."""
+        rows = obs.massive_rows.float()
+        if divisor is not None:
+            rows = rows / divisor.to(rows.device)
+        weight = _weight_rows(module) * (1.0 if smooth is None else smooth.to(module.weight.device))
+        choice = massive.choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight,
+                                                quant.quantize_weight(weight), self.config.dynamic_fallback)
+        self.report.act_modes[name] = choice.describe()
+        if choice.mode == "dynamic":
+            self.report.act_ranges.pop(name, None)
+            logger.info("%s: %s", name, choice.describe())
+        return choice.mode
 
     def _quantize_embeddings(self, model: nn.Module) -> None:
         """int8 rows for the input embedding; a head tied to it reads the same int8 rows."""
