@@ -65,6 +65,11 @@ class W8A8Config(BaseConfig):
             calibration sample).
         calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
             than ``"absmax"`` and for ``alpha="auto"``.
+        dynamic_fallback: with ``activations="static"``, a budget ``b``: calibration also keeps each layer's
+            largest-magnitude rows (massive tokens, with their positions), and a layer whose static output error
+            exceeds ``b`` times its dynamic per-token error, on the ordinary or on the massive rows, gets dynamic
+            per-token activations instead (still int8 and exportable). Every choice is in
+            ``report.act_modes``. None (default): every layer static.
     """
 
     smoothing: SmoothQuantConfig | None = None
@@ -81,6 +86,7 @@ class W8A8Config(BaseConfig):
     backend: Backend = "int8"
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
     calibration_rows: int = 2048
+    dynamic_fallback: float | None = None
 
     def __post_init__(self) -> None:
         _one_of(self.weights, WeightGranularity, "weights")
@@ -101,6 +107,9 @@ class W8A8Config(BaseConfig):
         object.__setattr__(self, "alpha_grid", grid)
         if not isinstance(self.calibration_rows, int) or self.calibration_rows < 1:
             raise ValueError(f"W8A8Config.calibration_rows must be a positive int, got {self.calibration_rows!r}")
+        fb = self.dynamic_fallback
+        if fb is not None and not (isinstance(fb, (int, float)) and math.isfinite(fb) and fb >= 1):
+            raise ValueError(f"W8A8Config.dynamic_fallback must be None or a finite number >= 1, got {fb!r}")
 
     @property
     def name(self) -> str:
@@ -110,4 +119,5 @@ class W8A8Config(BaseConfig):
     def needs_samples(self) -> bool:
         """Whether calibration keeps a row sample (error-minimising ranges or the alpha search need one)."""
         auto = self.smoothing is not None and self.smoothing.alpha_is_auto
-        return auto or bool(self.rotate) or (self.activations == "static" and self.act_range != "absmax")
+        mixed = self.dynamic_fallback is not None
+        return auto or bool(self.rotate) or (self.activations == "static" and (self.act_range != "absmax" or mixed))

@@ -90,6 +90,7 @@ class StreamResult:
             merged.kept_float.update(r.kept_float)
             merged.alphas.update(r.alphas)
             merged.act_ranges.update(r.act_ranges)
+            merged.act_modes.update(getattr(r, "act_modes", {}))
         return merged
 
 

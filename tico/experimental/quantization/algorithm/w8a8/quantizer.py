@@ -26,7 +26,7 @@ from tico.experimental.quantization.algorithm.smoothquant.groups import Observat
 from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
-from tico.experimental.quantization.algorithm.w8a8 import attention
+from tico.experimental.quantization.algorithm.w8a8 import attention, massive
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
@@ -83,10 +83,12 @@ class W8A8Report:
     kept_float: dict[str, str] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)  # group or layer -> alpha used
     act_ranges: dict[str, float] = field(default_factory=dict)  # layer -> static range (static only)
+    act_modes: dict[str, str] = field(default_factory=dict)  # layer -> chosen activation mode and why (dynamic_fallback)
 
     def summary(self) -> str:
         lines = [f"W8A8: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept in float"]
         lines += [f"  float {name}: {why}" for name, why in self.kept_float.items()]
+        lines += [f"  {name}: {why}" for name, why in self.act_modes.items() if why.startswith("dynamic")]
         return "\n".join(lines)
 
 
@@ -145,8 +147,9 @@ class W8A8Quantizer(BaseQuantizer):
                 for c in g.consumers:
                     self.folded_by[c.module] = (g, c.channel_map)
         rows = cfg.calibration_rows if cfg.needs_samples else 0
+        observer = massive.MassiveRowObserver if self._mixed_modes else SampledChannelObserver
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
-            self.observers[name] = SampledChannelObserver(_weight_rows(model.get_submodule(name)).shape[1], rows)
+            self.observers[name] = observer(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
         if cfg.quantize_attention:
             self.attention_modules, self._attention_before = attention.install(model)
@@ -161,6 +164,11 @@ class W8A8Quantizer(BaseQuantizer):
     def _uninstall_attention(self, model: nn.Module) -> None:
         if self.attention_modules:
             attention.uninstall(model, self.attention_modules, self._attention_before)  # type: ignore[arg-type]
+
+    @property
+    def _mixed_modes(self) -> bool:
+        """``dynamic_fallback``: static layers may each turn dynamic per-token, by measured error."""
+        return self.config.activations == "static" and self.config.dynamic_fallback is not None
 
     @staticmethod
     def _rotated(name: str, patterns: tuple[str, ...]) -> bool:
@@ -299,14 +307,36 @@ class W8A8Quantizer(BaseQuantizer):
             r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
             report.act_ranges[name] = r
             act_scale = range_to_scale(r)
+        dynamic = cfg.activations == "dynamic"
+        if self._mixed_modes:  # static or dynamic for this layer, by measured error
+            dynamic = self._choose_mode(name, linear, obs, divisor, smooth, sample, r, quant, report) == "dynamic"
+            act_scale = None if dynamic else act_scale
         return W8A8Linear.from_linear(
             linear,
             weight_granularity=cfg.weights,
-            act_granularity="per_token" if cfg.activations == "dynamic" else "per_tensor",
+            act_granularity="per_token" if dynamic else "per_tensor",
             act_scale=act_scale,
             smooth_scale=smooth,
             backend=cfg.backend,
         )
+
+    def _choose_mode(
+        self, name: str, linear: nn.Linear, obs: Any, divisor: torch.Tensor | None, smooth: torch.Tensor | None,
+        sample: torch.Tensor | None, static_r: float, quant: DeployedQuant, report: W8A8Report,
+    ) -> str:
+        """``dynamic_fallback``: keep ``name`` static unless its measured output error (ordinary and massive rows)
+        exceeds the budget; the choice and its numbers go to ``report.act_modes``."""
+        rows = obs.massive_rows.float()
+        if divisor is not None:
+            rows = rows / divisor.to(rows.device)
+        weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
+        choice = massive.choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight,
+                                                quant.quantize_weight(weight), self.config.dynamic_fallback)
+        report.act_modes[name] = choice.describe()
+        if choice.mode == "dynamic":
+            report.act_ranges.pop(name, None)
+            logger.info("%s: %s", name, choice.describe())
+        return choice.mode
 
     def _smoothed_linear(self, model: nn.Module, name: str, module: nn.Module, smoothing: ScalePlan | None) -> nn.Linear:
         """``module`` as an ``nn.Linear`` with the weight and bias smoothing will leave it with (module unchanged)."""

@@ -1,0 +1,159 @@
+"""Massive activations: a seeded Llama whose first token carries a massive value at one ``down_proj`` input.
+
+The model is built so that exactly one token id (``SINK``, always at position 0 here, as a BOS / attention sink
+is) owns residual channel ``K``; layer 0's ``gate_proj``/``up_proj`` read only that channel in intermediate
+channel ``J``, so ``down_proj``'s input at position 0 is hundreds of times every other token's, while no other
+layer sees anything unusual. A per-tensor static scale cannot hold that input; dynamic per-token can.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tico.experimental.quantization import convert, get_quantizer, prepare
+from tico.experimental.quantization.algorithm.w8a8.massive import MassiveRowObserver, choose_activation_mode
+from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
+from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
+from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
+from tico.experimental.quantization.nn.linear import W8A8Linear
+
+SINK, K, J = 0, 5, 7
+AFFECTED = "model.layers.0.mlp.down_proj"
+BUDGET = 16.0
+
+
+def massive_llama(gain: float = 16.0, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random Llama; with ``gain > 0`` token ``SINK`` drives layer 0's ``down_proj`` input massive."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.1)
+    model = LlamaForCausalLM(config).eval()
+    if gain > 0:
+        with torch.no_grad():
+            emb = model.model.embed_tokens.weight
+            emb[:, K] = 0.0  # only SINK has residual channel K ...
+            emb[SINK] = 0.0
+            emb[SINK, K] = 1.0
+            layer = model.model.layers[0]
+            layer.self_attn.o_proj.weight[K] = 0.0  # ... and attention does not write it for the others
+            for linear in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                linear.weight[J] = 0.0
+                linear.weight[J, K] = gain  # intermediate channel J = silu(8 gain) * 8 gain at SINK, 0 elsewhere
+    return model
+
+
+def _ids(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 256, (n, 32), generator=gen)
+    ids[:, 0] = SINK
+    return ids
+
+
+CALIB, EVAL = _ids(16, 1), _ids(16, 2)
+
+
+def _quantize(config: W8A8Config, gain: float = 16.0):
+    model = prepare(massive_llama(gain), config)
+    quantizer = get_quantizer(model)
+    with torch.no_grad():
+        model(CALIB)
+    return convert(model), quantizer
+
+
+def _kl(model, gain: float = 16.0) -> float:
+    return logit_fidelity(model, massive_llama(gain), EVAL).kl
+
+
+def _dynamic_layers(model) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.quantization_state()["dynamic"]}
+
+
+def test_the_model_has_a_massive_first_token_in_exactly_one_layer():
+    model = massive_llama()
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0].detach().abs().amax(-1)))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        model(EVAL)
+    for h in hooks:
+        h.remove()
+    ratios = {n: float(t.max() / t.median()) for n, t in seen.items()}
+    assert {n for n, r in ratios.items() if r > 20} == {AFFECTED}, ratios
+    assert int(seen[AFFECTED].argmax()) % EVAL.shape[1] == 0  # at position 0
+
+
+@pytest.mark.parametrize("smoothing", [None, SmoothQuantConfig(alpha="auto", linear_producers=True)])
+def test_fallback_picks_dynamic_for_exactly_the_massive_layer_and_recovers(smoothing):
+    common = dict(smoothing=smoothing, activations="static", act_range="mse", backend="fake")
+    static, _ = _quantize(W8A8Config(**common))
+    mixed, quantizer = _quantize(W8A8Config(dynamic_fallback=BUDGET, **common))
+    dynamic, _ = _quantize(W8A8Config(activations="dynamic", backend="fake"))
+    kl_static, kl_mixed, kl_dynamic = _kl(static), _kl(mixed), _kl(dynamic)
+    assert _dynamic_layers(static) == set()
+    assert _dynamic_layers(mixed) == {AFFECTED}
+    report = quantizer.report
+    assert report.act_modes[AFFECTED].startswith("dynamic (massive tokens at positions [0];")
+    assert all(v.startswith("static") for n, v in report.act_modes.items() if n != AFFECTED)
+    assert AFFECTED not in report.act_ranges and AFFECTED in report.summary()
+    if smoothing is None:  # naive static is far off; keeping one layer dynamic brings it next to all-dynamic
+        assert kl_static > 20 * kl_dynamic, (kl_static, kl_dynamic)
+    assert kl_mixed < kl_static / 3, (kl_static, kl_mixed)
+
+
+def test_no_massive_token_keeps_every_layer_static():
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
+                                            dynamic_fallback=BUDGET), gain=0.0)
+    assert _dynamic_layers(mixed) == set()
+    assert all(v.startswith("static (no massive token") for v in quantizer.report.act_modes.values())
+
+
+def test_mixed_schemes_export_and_reload(tmp_path):
+    mixed, _ = _quantize(W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True),
+                                    activations="static", act_range="mse", dynamic_fallback=BUDGET))
+    save_compressed(mixed, tmp_path)
+    groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
+    acts = {g["input_activations"]["strategy"]: g for g in groups.values()}
+    assert set(acts) == {"token", "tensor"}
+    assert acts["token"]["input_activations"]["dynamic"] is True
+    assert acts["token"]["targets"] == [f"re:^{AFFECTED}$"]
+    reloaded = load_compressed(tmp_path)
+    assert _dynamic_layers(reloaded) == {AFFECTED}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(EVAL).logits, mixed(EVAL).logits)
+
+
+def test_observer_keeps_the_largest_rows_with_their_positions():
+    obs = MassiveRowObserver(channels=4, max_rows=8, keep=3)
+    x = torch.ones(2, 10, 4)
+    x[0, 0, 1] = 100.0
+    x[1, 0, 2] = -90.0
+    x[1, 7, 3] = 50.0
+    obs.observe(x[:1])
+    obs.observe(x[1:])
+    assert obs.massive_positions.tolist() == [0, 0, 7]
+    assert obs.massive_rows.abs().amax(1).tolist() == [100.0, 90.0, 50.0]
+    assert obs.position_max[0] == 100.0 and obs.position_max[7] == 50.0 and obs.position_max[1] == 1.0
+
+
+def test_choice_is_static_for_ordinary_rows_and_dynamic_when_a_token_is_massive():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=gen)
+    w = torch.randn(16, 32, generator=gen)
+    ordinary = choose_activation_mode(x, x[:4], torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, w, BUDGET)
+    assert ordinary.mode == "static" and ordinary.positions == []
+    m = x[:4].clone()
+    m[:, 3] = 2000.0  # a token no per-tensor scale can hold together with the others
+    held = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), 2000.0, w, w, BUDGET)
+    clipped = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, w, BUDGET)
+    assert held.mode == clipped.mode == "dynamic" and held.positions == [0]
+
+
+def test_bad_budget_rejected():
+    with pytest.raises(ValueError, match="dynamic_fallback"):
+        W8A8Config(dynamic_fallback=0.5)

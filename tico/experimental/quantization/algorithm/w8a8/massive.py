@@ -1,0 +1,165 @@
+"""Massive activations: find the layers whose input no per-tensor static scale can hold, and keep them dynamic.
+
+Small and mid-size LLMs put a few tokens (the first one of a sequence, often a delimiter too) through a few
+channels with values hundreds or thousands of times the typical token's (Sun et al., 2024, "Massive
+activations in large language models"); in Llama-like models they show up at the input of ``down_proj``. One
+static per-tensor int8 scale must then either hold the massive token (and leave the ordinary tokens a handful
+of int8 levels) or clip it (and destroy exactly the token that every later attention reads as its sink).
+Smoothing cannot move it (it is a token, not a channel), and serving quantizes *every* token with the same
+static scale, so dropping the token from calibration would only hide the problem.
+
+The choice is made per layer, not per token, and by measured error:
+
+* calibration keeps, beside the uniform row sample, the ``keep`` rows with the largest abs-max and their
+  positions in the sequence (:class:`MassiveRowObserver`): the massive tokens are rare, so a uniform sample
+  would hold few of them or none;
+* convert measures each static layer's output error per token, ``||Q(x_i) Wq^T - x_i W^T||^2 / ||x_i W^T||^2``
+  averaged over rows, on the ordinary rows (the uniform sample) and on the largest rows separately, for the
+  deployed static range and for dynamic per-token quantization (:func:`choose_activation_mode`);
+* a layer stays static when, on both row sets, its static error is within ``budget`` times the dynamic
+  error; otherwise its activations become dynamic per-token (still int8 and exportable: compressed-tensors
+  gives such layers their own config group). Every decision and its numbers are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range
+
+logger = logging.getLogger(__name__)
+
+MASSIVE_RATIO = 20.0  # a token whose abs-max exceeds this many median tokens' is reported as massive
+
+
+class MassiveRowObserver(SampledChannelObserver):
+    """:class:`SampledChannelObserver` that also keeps the ``keep`` rows with the largest abs-max, with positions.
+
+    The position of a row is its index along the second-to-last axis (the sequence axis of ``[batch, seq,
+    channels]`` inputs; ``-1`` for 2-D inputs). ``position_max[t]`` is the largest token abs-max seen at
+    position ``t`` (positions past ``max_positions`` are not tracked): the diagnostic that shows which
+    positions carry massive values.
+    """
+
+    def __init__(self, channels: int, max_rows: int, keep: int = 64, max_positions: int = 8192, seed: int = 0) -> None:
+        super().__init__(channels, max_rows, seed)
+        self.keep = keep
+        self.max_positions = max_positions
+        self.massive_rows: torch.Tensor | None = None  # [<= keep, channels], input dtype
+        self.massive_positions: torch.Tensor | None = None  # [<= keep] long
+        self._massive_absmax: torch.Tensor | None = None
+        self.position_max: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def observe(self, x: Any) -> None:
+        before = self.calls
+        super().observe(x)
+        if self.calls == before:
+            return
+        x = x.detach()
+        flat = x.reshape(-1, self.channels)
+        token_max = flat.abs().amax(dim=1).float()
+        if x.dim() >= 3:
+            seq = x.shape[-2]
+            positions = torch.arange(seq, device=flat.device).repeat(flat.shape[0] // seq)
+            per_pos = token_max.reshape(-1, seq).amax(dim=0)[: self.max_positions].cpu()
+            if self.position_max is None or self.position_max.numel() < per_pos.numel():
+                grown = torch.zeros(per_pos.numel())
+                if self.position_max is not None:
+                    grown[: self.position_max.numel()] = self.position_max
+                self.position_max = grown
+            torch.maximum(self.position_max[: per_pos.numel()], per_pos, out=self.position_max[: per_pos.numel()])
+        else:
+            positions = torch.full((flat.shape[0],), -1, dtype=torch.long, device=flat.device)
+        k = min(self.keep, flat.shape[0])
+        top, idx = torch.topk(token_max, k)
+        rows, pos = flat[idx], positions[idx]
+        if self.massive_rows is not None:
+            top = torch.cat([self._massive_absmax, top.to(self._massive_absmax.device)])
+            rows = torch.cat([self.massive_rows, rows.to(self.massive_rows.device)])
+            pos = torch.cat([self.massive_positions, pos.to(self.massive_positions.device)])
+            top, idx = torch.topk(top, min(self.keep, top.numel()))
+            rows, pos = rows[idx], pos[idx]
+        self._massive_absmax, self.massive_rows, self.massive_positions = top, rows.clone(), pos.clone()
+
+
+@dataclass
+class LayerChoice:
+    """The activation mode chosen for one layer, with the measurements behind it.
+
+    ``ratio`` is the largest token abs-max over the median token abs-max; ``positions`` the sequence
+    positions of the kept rows above :data:`MASSIVE_RATIO` times the median; errors are relative output
+    errors ``(ordinary rows, massive rows)`` (the largest kept rows when none is massive).
+    """
+
+    mode: str  # "static" | "dynamic"
+    ratio: float
+    positions: list[int] = field(default_factory=list)
+    static_error: tuple[float, float] = (0.0, 0.0)
+    dynamic_error: tuple[float, float] = (0.0, 0.0)
+
+    def describe(self) -> str:
+        where = f"massive tokens at positions {self.positions}" if self.positions else "no massive token"
+        return (f"{self.mode} ({where}; max/median token {self.ratio:.0f}x; output error static "
+                f"{self.static_error[0]:.2e}/{self.static_error[1]:.2e} vs dynamic "
+                f"{self.dynamic_error[0]:.2e}/{self.dynamic_error[1]:.2e} on ordinary/massive rows)")
+
+
+def _relative_error(xq: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Tensor) -> float:
+    """Mean over rows of ``||xq_i Wq^T - x_i W^T||^2 / ||x_i W^T||^2``: every token counts by its *own* error.
+
+    A pooled ratio ``sum err / sum ref`` would be dominated by the massive rows' output energy and hide a
+    scale that leaves the ordinary tokens a few int8 levels (measured: pooled 1e-3 for a layer that alone
+    took a model's KL from 1e-4 to 0.3).
+    """
+    if x.shape[0] == 0:
+        return 0.0
+    ref = x @ weight.T
+    err = (xq @ weight_q.T - ref).pow(2).sum(dim=1)
+    return float((err / ref.pow(2).sum(dim=1).clamp_min(1e-30)).mean())
+
+
+def choose_activation_mode(
+    sample: torch.Tensor,
+    massive_rows: torch.Tensor,
+    massive_positions: torch.Tensor,
+    static_range: float,
+    weight: torch.Tensor,
+    weight_q: torch.Tensor,
+    budget: float,
+) -> LayerChoice:
+    """Static or dynamic per-token activations for one layer, whichever the measured output error allows.
+
+    Args:
+        sample: a uniform sample of the layer's (smoothed) input rows: the ordinary tokens.
+        massive_rows: the (smoothed) rows with the largest abs-max over all calibration data.
+        massive_positions: their sequence positions.
+        static_range: the range the deployed static scale would have (``scale = range / 127``).
+        weight: the layer's (smoothed) ``[out, in]`` float weight; ``weight_q`` its deployed int8 dequantized.
+        budget: how many times the dynamic per-token error a static layer may cost, on either row set.
+    """
+    x, m = sample.float(), massive_rows.float()
+    weight, weight_q = weight.float(), weight_q.float()
+    token_max = x.abs().amax(dim=1)
+    median = float(token_max.median()) if token_max.numel() else 0.0
+    m_max = m.abs().amax(dim=1)
+    ratio = float(m_max.max()) / median if median > 0 and m_max.numel() else 0.0
+    is_massive = m_max > MASSIVE_RATIO * median
+    positions = sorted({int(p) for p in massive_positions[is_massive.to(massive_positions.device)].tolist()})
+    if bool(is_massive.any()):  # score the massive tokens themselves, not the largest ordinary ones beside them
+        m = m[is_massive]
+    static = (
+        _relative_error(fake_quant_range(x, static_range), x, weight, weight_q),
+        _relative_error(fake_quant_range(m, static_range), m, weight, weight_q),
+    )
+    dynamic = (
+        _relative_error(fake_quant_activation(x, "per_token"), x, weight, weight_q),
+        _relative_error(fake_quant_activation(m, "per_token"), m, weight, weight_q),
+    )
+    keep_static = all(s <= budget * d for s, d in zip(static, dynamic))
+    return LayerChoice("static" if keep_static else "dynamic", ratio, positions, static, dynamic)
