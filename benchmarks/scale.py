@@ -134,7 +134,7 @@ def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, floa
     in_blocks = {k for i in range(len(blocks)) for k in ckpt.keys_under(f"{path}.{i}")}
     rest = [k for k in ckpt.files if k not in in_blocks]
     rest_expected = [n for n in names if not n.startswith(path + ".")]
-    load = compute = 0.0
+    load = compute = blocks_compute = 0.0
     t = time.perf_counter()
     ckpt.load(rest, rest_expected)
     load += time.perf_counter() - t
@@ -149,6 +149,7 @@ def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, floa
         t = time.perf_counter()
         out = [call(blocks[i], h) for h, call in zip(hidden, captured.calls[i])]
         hidden = [o[0] if isinstance(o, tuple) else o for o in out]
+        blocks_compute += time.perf_counter() - t
         compute += time.perf_counter() - t
         Checkpoint.release(blocks[i])
     t = time.perf_counter()
@@ -156,7 +157,7 @@ def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, floa
         model.lm_head(model.model.norm(h))
     compute += time.perf_counter() - t
     _release_rest(model, path)
-    return {"float_forward_s": compute, "float_load_s": load}
+    return {"float_forward_s": compute, "float_blocks_s": blocks_compute, "float_load_s": load}
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -214,6 +215,9 @@ def summarize(name: str, r: dict, shape: tuple[int, ...]) -> None:
     print(f"  (calibration + convert) / float forward = {calib / r['float_forward_s']:.2f}x; "
           f"+ propagate = {(calib + r['q_propagate_s']) / r['float_forward_s']:.2f}x; "
           f"total wall / float forward = {r['q_total_s'] / r['float_forward_s']:.2f}x")
+    blocks_only = (r["q_calibrate_s"] + r["q_convert_s"]) / r["float_blocks_s"]
+    print(f"  blocks only (the LM head dominates a short model's forward): (calibrate + convert) / float block forwards "
+          f"= {blocks_only:.2f}x ({r['float_blocks_s']:.2f}s of float block forwards)")
     print(f"  time per block (median) {per_block:.2f}s")
     base = block_params(*shape[:4])
     for model in ("llama-3.1-8b", "llama-3.1-70b"):

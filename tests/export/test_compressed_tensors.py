@@ -125,3 +125,25 @@ def test_refusal_writes_nothing_and_a_non_empty_output_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         save_compressed(model, tmp_path / "x")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["keep.txt"]
+
+
+def test_sigterm_and_stale_staging_leave_nothing_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    stale = tmp_path / ".out.partial-999999999"  # a staging folder of a process that no longer runs
+    stale.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from tico.experimental.quantization.export.shards import ShardWriter
+        with ShardWriter({str(tmp_path / 'out')!r}) as w:
+            w.add("a", torch.zeros(4))
+            os.kill(os.getpid(), signal.SIGTERM)
+            w.publish()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -238,3 +238,12 @@ def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
     block = (weights[8] - weights[2]) // 6
     assert weights[8] > 3 * weights[2] and peaks[2] > block  # a block is really held while it is converted
     assert peaks[8] < peaks[2] + block // 4, (peaks, block)
+
+
+def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
+    src = _save(build_model("llama"), tmp_path / "src")
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", smooth_in_quantizer=True,
+                        rotate=("all",), backend="fake")
+    result = quantize_checkpoint(src, config, _batches("llama"), None)
+    assert result.output_dir is None and len(result.phases) == 2 and result.phases[0]["convert"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

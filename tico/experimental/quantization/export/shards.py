@@ -20,7 +20,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import struct
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -52,6 +54,10 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
     return value
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _umask() -> int:
@@ -90,12 +96,16 @@ class ShardWriter:
             self._created.append(parent)
             parent = parent.parent
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
+        self._remove_stale_staging()
         self.staging.mkdir(mode=0o777 & ~_umask())
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():  # `kill` cleans up like Ctrl-C does
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         if self._data is not None:
             self._data.close()
             self._data = None
@@ -107,6 +117,13 @@ class ShardWriter:
                 except OSError:
                     break
             logger.info("no output written to %s (interrupted before completion)", self.output_dir)
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders of this output left by processes that no longer run (killed with SIGKILL)."""
+        for path in self.output_dir.parent.glob(f".{self.output_dir.name}.partial-*"):
+            pid = path.name.rpartition("-")[2]
+            if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- tensors -------------------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:

@@ -43,7 +43,14 @@ from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE,
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.pipeline.capture import BlockCall, capture_block_inputs, model_inputs, to_device
 from tico.experimental.quantization.pipeline.checkpoint import Checkpoint, find_blocks, resolve_checkpoint
-from tico.experimental.quantization.pipeline.units import BlockShell, BlockStub, names_of, scoped_config
+from tico.experimental.quantization.pipeline.units import (
+    BlockShell,
+    BlockStub,
+    names_of,
+    quantizable_linears,
+    rotates,
+    scoped_config,
+)
 from tico.experimental.quantization.public_interface import convert, get_quantizer, prepare
 
 logger = logging.getLogger(__name__)
@@ -126,6 +133,11 @@ def _check_names(config: BaseConfig, model: nn.Module) -> None:
     unknown = [n for n in [*ignore, *amap] if n not in modules]
     if unknown:
         raise ValueError(f"module names in the config that are not modules of {type(model).__name__}: {unknown}")
+    if isinstance(config, W8A8Config):
+        targets = quantizable_linears(model, config, config.ignore)
+        unmatched = [p for p in config.rotate if not any(rotates(t, p) for t in targets)]
+        if unmatched:
+            raise ValueError(f"W8A8Config.rotate names that match no quantized layer of {type(model).__name__}: {unmatched}")
 
 
 def _hidden_of(output: Any) -> torch.Tensor:
@@ -142,6 +154,8 @@ class _Output:
         self.ignore: list[str] = []
 
     def add(self, unit: nn.Module) -> None:
+        if self.writer is None:  # measuring only: nothing to check or write
+            return
         if self.compressed:
             check_exportable(unit)
             self.schemes.update({n: layer_scheme(m) for n, m in unit.named_modules() if isinstance(m, W8A8Linear)})
@@ -157,8 +171,7 @@ class _Output:
                     seen.add(id(v))
                     tensors[k] = v.detach()
             tensors = revert_weight_conversion(self.model, tensors)
-        if self.writer is not None:
-            self.writer.add_all(tensors)
+        self.writer.add_all(tensors)
 
     def finish(self, source: Path, config: Any) -> None:
         if self.writer is None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -89,5 +90,23 @@ def scoped_config(config: BaseConfig, block_path: str | None, blocks_path: str, 
     if isinstance(smoothing, SmoothQuantConfig):
         smoothing = dataclasses.replace(smoothing, custom_alpha_map=scoped or None)
     if isinstance(config, W8A8Config):
-        return dataclasses.replace(config, smoothing=smoothing, ignore=kept_ignore)
+        targets = quantizable_linears(unit, config, kept_ignore)
+        rotate = tuple(p for p in config.rotate if any(rotates(t, p) for t in targets))
+        return dataclasses.replace(config, smoothing=smoothing, ignore=kept_ignore, rotate=rotate)
     return smoothing  # type: ignore[return-value]
+
+
+def rotates(name: str, pattern: str) -> bool:
+    """Whether a ``W8A8Config.rotate`` pattern names layer ``name`` (``"all"``, the name, or a name suffix)."""
+    return pattern == "all" or name == pattern or name.endswith("." + pattern)
+
+
+def quantizable_linears(unit: nn.Module, config: W8A8Config, ignore: tuple[str, ...]) -> list[str]:
+    """Linear-like layers of ``unit`` that W8A8 would quantize (not ignored, not a float LM head), so that
+    ``rotate`` patterns are given only to the units they concern (the quantizer refuses unmatched ones)."""
+    getter = getattr(unit, "get_output_embeddings", None)
+    head = getter() if callable(getter) and not config.quantize_lm_head else None
+    return [
+        n for n, m in unit.named_modules()
+        if isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) and m is not head and not any(_inside(n, p) for p in ignore)
+    ]
