@@ -48,9 +48,10 @@ mse for static scales, LM head kept in float. The chosen alphas, static ranges a
 at the end and written to tico_recipe.json (with the full config and the calibration tokens) next to the
 checkpoint; smoothquant_recipe.json holds the smoothing scales.
 
-expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) 5 to 10 minutes,
-most of it converting, where --alpha auto searches each group's alpha (its elapsed time ticks on stderr);
-time grows with model size x --samples x --seq-len. A fixed --alpha such as 0.5 skips the search.
+expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) about 20 s
+(19-24 s measured on a busy machine); the model is streamed block by block with a bar over the blocks (time
+per block). Time grows with model size x --samples x --seq-len, about 2-2.5x one float forward over the
+calibration tokens with --alpha auto (a fixed --alpha such as 0.5 skips the search).
 
 examples:
   tico-sq quantize --model ../shared/data/stories260K-hf \\
