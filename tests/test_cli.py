@@ -432,3 +432,20 @@ def test_online_rotation_needs_w8a8(text_file, tmp_path, capsys):
     code = main(["quantize", "--model", "x", "--dataset", str(text_file), "--scheme", "smooth", "--rotate", "online",
                  "--output", str(tmp_path / "o")])
     assert code == 2 and "--rotate online needs a W8A8 scheme" in capsys.readouterr().err
+
+
+def test_dynamic_fallback_is_a_static_option_recorded_in_the_recipe(tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
+    code = main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--scheme", "w8a8-dynamic",
+                 "--dynamic-fallback", "16", "--output", str(tmp_path / "d")])
+    assert code == 2 and "dynamic_fallback applies to w8a8-static" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error, before anything loads
+        main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--dynamic-fallback", "0.5",
+              "--output", str(tmp_path / "e")])
+    assert exc.value.code == 2 and "--dynamic-fallback" in _error(capsys) and not (tmp_path / "e").exists()
+    out = tmp_path / "q"
+    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32", "--dynamic-fallback", "1") == 0
+    recipe = json.loads((out / "tico_recipe.json").read_text())
+    assert recipe["config"]["dynamic_fallback"] == 1.0 and recipe["options"]["dynamic_fallback"] == 1.0
+    assert set(recipe["act_modes"]) == set(recipe["quantized"])  # every quantized layer's choice is recorded

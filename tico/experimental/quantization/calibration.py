@@ -82,6 +82,8 @@ class QuantizationResult:
                 lines.append(f"static activation ranges (max |x| mapped to 127): min {r[0]:.4g}, median "
                              f"{r[len(r) // 2]:.4g}, max {r[-1]:.4g} over {len(r)} layers")
             lines += [f"  float {name}: {why}" for name, why in report.kept_float.items()]
+            modes = getattr(report, "act_modes", {})
+            lines += [f"  {name}: {why}" for name, why in modes.items() if why.startswith("dynamic")]
         return "\n".join(lines)
 
 

@@ -38,13 +38,15 @@ def build_config(
     act_range: str = DEFAULT_ACT_RANGE,
     ignore: Sequence[str] = (),
     linear_producers: bool | None = None,
+    dynamic_fallback: float | None = None,
 ) -> AnyConfig:
     """The config for ``scheme`` (see :data:`SCHEMES`); ``None`` arguments take the scheme's default.
 
     ``alpha="auto"`` needs a W8A8 scheme (it is scored with the quantizer that will run); ``act_range`` matters
     for ``w8a8-static`` only; ``ignore`` names modules (or name prefixes) kept in float. Linear -> Linear
     smoothing is on for the W8A8 schemes (it folds what the exported format can hold) and off for ``smooth``,
-    which keeps the paper's norm -> Linear groups unless asked.
+    which keeps the paper's norm -> Linear groups unless asked. ``dynamic_fallback`` (``w8a8-static`` only) lets
+    layers whose static error exceeds that many times their dynamic error run dynamic per token.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
@@ -54,12 +56,15 @@ def build_config(
     if linear_producers is None:
         linear_producers = scheme != "smooth"
     smoothing = SmoothQuantConfig(alpha=alpha, linear_producers=linear_producers)  # type: ignore[arg-type]
+    if dynamic_fallback is not None and scheme != "w8a8-static":
+        raise ValueError("dynamic_fallback applies to w8a8-static (it turns single layers dynamic per token)")
     if scheme == "smooth":
         if ignore:
             raise ValueError("ignore applies to the W8A8 schemes (smoothing has no layers to keep in float)")
         return smoothing
     activations = scheme.split("-")[1]
-    return W8A8Config(smoothing=smoothing, activations=activations, act_range=act_range, ignore=tuple(ignore))  # type: ignore[arg-type]
+    return W8A8Config(smoothing=smoothing, activations=activations, act_range=act_range, ignore=tuple(ignore),  # type: ignore[arg-type]
+                      dynamic_fallback=dynamic_fallback)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

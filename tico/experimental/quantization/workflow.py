@@ -73,6 +73,7 @@ def run_metadata(result: QuantizationResult, config: Any, calibration: Calibrati
         "alphas": result.alphas(),
         "act_ranges": dict(getattr(report, "act_ranges", {}) or {}),
         "kept_float": dict(getattr(report, "kept_float", {}) or {}),
+        "act_modes": dict(getattr(report, "act_modes", {}) or {}),
         "quantized": list(getattr(report, "quantized", []) or []),
     }
 

@@ -103,7 +103,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = {"scheme": args.scheme, "alpha": args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.scheme],
                "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
                "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
-               "device": args.device, "rotate": args.rotate}
+               "device": args.device, "rotate": args.rotate,
+               "dynamic_fallback": args.dynamic_fallback}
     try:
         result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
                                     args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate,
@@ -141,7 +142,7 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
         raise CliError("--ignore applies to the W8A8 schemes (smoothing keeps no layer in float)", EXIT_ARGS)
     try:
         return build_config(args.scheme, args.alpha, getattr(args, "act_range", "mse"), ignore,
-                            getattr(args, "linear_producers", None))
+                            getattr(args, "linear_producers", None), getattr(args, "dynamic_fallback", None))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_ARGS) from None
 

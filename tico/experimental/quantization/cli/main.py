@@ -140,6 +140,16 @@ def _non_negative(value: str) -> int:
     return number
 
 
+def _budget(value: str) -> float:
+    try:
+        budget = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {value!r}") from None
+    if not budget >= 1 or budget == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {value!r}")
+    return budget
+
+
 def _alpha(value: str) -> float | str:
     if value == "auto":
         return value
@@ -207,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "float weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a "
                         "run-time Hadamard on down_proj inputs (w8a8 schemes; exported as a compressed-tensors "
                         "transform_config) (default: %(default)s)")
+    q.add_argument("--dynamic-fallback", type=_budget, default=None, metavar="B",
+                   help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
+                        "(massive activations, e.g. the attention-sink token) runs dynamic per token instead; each "
+                        "choice is printed and recorded (16 is a reasonable budget) (default: off)")
     q.add_argument("--in-memory", dest="streaming", action="store_false", default=True,
                    help="load the whole model instead of streaming it block by block from its safetensors shards "
                         "(the default streams: memory holds one block, and each block calibrates on the quantized "
