@@ -53,18 +53,35 @@ def quantize(load, calib: torch.Tensor, config: W8A8Config, batch: int = 8) -> t
     return convert(model)
 
 
-def real_model(backend: str) -> None:
+def stories_data():
+    """``(load, calib, evaluation)`` of the real-model protocol: stories260K, the first 32 windows of 256 tokens
+    of TinyStories validation for calibration, the next 16 for evaluation; None when ../shared is absent."""
     model_dir = SHARED / "stories260K-hf"
     if not model_dir.exists():
         print(f"skipping the real model: {model_dir} not found")
-        return
+        return None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(tokenizer, read_text(SHARED / "tinystories" / "validation_head.txt"), 256)
-    calib, evaluation = windows[:32], windows[32:48]
 
     def load() -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(model_dir).eval()
 
+    return load, windows[:32], windows[32:48]
+
+
+def print_row(activations: str, name: str, q, reference, evaluation, float_ppl: float, start: float, width: int = 40):
+    """One table row: perplexity and its change, mean KL and top-1 agreement to the float model, time."""
+    ppl = perplexity(q, None, evaluation.reshape(-1), seq_len=256).ppl
+    fid = logit_fidelity(q, reference, evaluation)
+    print(f"{activations:10s} {name:{width}s} {ppl:8.4f} {100 * (ppl / float_ppl - 1):+8.3f}% {fid.kl:9.5f} "
+          f"{fid.top1_agreement:7.4f} {time.perf_counter() - start:5.1f}s", flush=True)
+
+
+def real_model(backend: str) -> None:
+    data = stories_data()
+    if data is None:
+        return
+    load, calib, evaluation = data
     reference = load()
     float_ppl = perplexity(reference, None, evaluation.reshape(-1), seq_len=256).ppl
     print(f"\nstories260K: calibration 32x256, evaluation 16x256 tokens; float perplexity {float_ppl:.4f}")
@@ -72,18 +89,15 @@ def real_model(backend: str) -> None:
     for activations in ("static", "dynamic"):
         for name, config in recipes(activations, backend).items():
             start = time.perf_counter()
-            q = quantize(load, calib, config)
-            ppl = perplexity(q, None, evaluation.reshape(-1), seq_len=256).ppl
-            fid = logit_fidelity(q, reference, evaluation)
-            print(f"{activations:10s} {name:40s} {ppl:8.4f} {100 * (ppl / float_ppl - 1):+8.3f}% {fid.kl:9.5f} "
-                  f"{fid.top1_agreement:7.4f} {time.perf_counter() - start:5.1f}s", flush=True)
+            print_row(activations, name, quantize(load, calib, config), reference, evaluation, float_ppl, start)
 
 
-def outlier_llama(seed: int = 0) -> LlamaForCausalLM:
+def outlier_llama(seed: int = 0, hidden: int = 128, layers: int = 4) -> LlamaForCausalLM:
     """A random Llama whose RMSNorm weights have 4 outlier channels scaled x20..x60 (persistent across layers)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=256)
     model = LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
     outliers = torch.randperm(config.hidden_size, generator=gen)[:4]

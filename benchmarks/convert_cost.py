@@ -20,31 +20,18 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import outlier_llama  # noqa: E402  (the same seeded builder, wider and deeper here)
 
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
-
-
-def outlier_llama(hidden: int = 256, layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    """A random Llama whose RMSNorm weights carry 4 outlier channels scaled x20..x60 (as in accuracy.py)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                         max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    outliers = torch.randperm(hidden, generator=gen)[:4]
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "variance_epsilon") and module.weight.dim() == 1:
-                module.weight.copy_(0.5 + torch.rand(hidden, generator=gen))
-                module.weight[outliers] *= 20 + 40 * torch.rand(len(outliers), generator=gen)
-    return model
 
 
 def recipes(backend: str) -> dict[str, W8A8Config]:
@@ -99,7 +86,7 @@ def main() -> None:
     print(f"{'recipe':12s} {'forward':>8s} {'calib':>8s} {'convert':>8s} {'ratio':>6s}   {'cpu fwd':>8s} {'calib':>8s} "
           f"{'convert':>8s} {'ratio':>6s}")
     for name, config in chosen.items():
-        model = outlier_llama(args.hidden, args.layers)
+        model = outlier_llama(hidden=args.hidden, layers=args.layers)
         forward_all(model, calib[: args.batch], args.batch)  # warm-up
         fwd = Clock()
         forward_all(model, calib, args.batch)

@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import SHARED, outlier_llama, quantize  # noqa: E402
+from accuracy import outlier_llama, print_row, quantize, stories_data  # noqa: E402
 
 from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations  # noqa: E402
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations  # noqa: E402
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig  # noqa: E402
 from tico.experimental.quantization.config.w8a8 import W8A8Config  # noqa: E402
-from tico.experimental.quantization.evaluation.data import read_text, token_windows  # noqa: E402
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity  # noqa: E402
 from tico.experimental.quantization.evaluation.perplexity import perplexity  # noqa: E402
 
@@ -67,17 +65,10 @@ def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Calla
 
 
 def real_model(backend: str, seed: int) -> None:
-    model_dir = SHARED / "stories260K-hf"
-    if not model_dir.exists():
-        print(f"skipping the real model: {model_dir} not found")
+    data = stories_data()
+    if data is None:
         return
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = token_windows(tokenizer, read_text(SHARED / "tinystories" / "validation_head.txt"), 256)
-    calib, evaluation = windows[:32], windows[32:48]
-
-    def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-
+    load, calib, evaluation = data
     reference = load()
     float_ppl = perplexity(reference, None, evaluation.reshape(-1), seq_len=256).ppl
     rotated = loader(load, "fused", seed)()
@@ -89,10 +80,7 @@ def real_model(backend: str, seed: int) -> None:
         for name, rotate, config in rows(activations, backend):
             start = time.perf_counter()
             q = quantize(loader(load, rotate, seed), calib, config)
-            ppl = perplexity(q, None, evaluation.reshape(-1), seq_len=256).ppl
-            fid = logit_fidelity(q, reference, evaluation)
-            print(f"{activations:10s} {name:50s} {ppl:8.4f} {100 * (ppl / float_ppl - 1):+8.3f}% {fid.kl:9.5f} "
-                  f"{fid.top1_agreement:7.4f} {time.perf_counter() - start:5.1f}s", flush=True)
+            print_row(activations, name, q, reference, evaluation, float_ppl, start, width=50)
 
 
 def random_model(backend: str, seed: int) -> None:

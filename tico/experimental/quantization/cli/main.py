@@ -120,34 +120,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_ARGS)
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}")
-    return number
+def _number(kind: type, low: float, what: str):
+    """An argparse type: ``kind(value)`` at least ``low`` and finite, else a usage error saying ``what``."""
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+        if not low <= number < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
+        return number
+
+    return parse
 
 
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
-    return number
-
-
-def _budget(value: str) -> float:
-    try:
-        budget = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {value!r}") from None
-    if not budget >= 1 or budget == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 1, got {value!r}")
-    return budget
+_positive = _number(int, 1, "a positive whole number")
+_non_negative = _number(int, 0, "a whole number >= 0")
+_budget = _number(float, 1, "a finite number >= 1")
 
 
 def _alpha(value: str) -> float | str:
