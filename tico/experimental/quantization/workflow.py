@@ -84,7 +84,6 @@ def save_quantized(result: QuantizationResult, tokenizer: Any, output: str | Pat
     Beside the weights: the tokenizer, ``tico_recipe.json`` (``metadata``) and, when groups were smoothed,
     ``smoothquant_recipe.json`` (re-appliable with ``apply_recipe``).
     """
-    from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
     from tico.experimental.quantization.export.compressed_tensors import save_compressed
 
     def write(folder: Path) -> None:
@@ -92,13 +91,20 @@ def save_quantized(result: QuantizationResult, tokenizer: Any, output: str | Pat
             result.model.save_pretrained(folder)
         else:
             save_compressed(result.model, folder)
-        tokenizer.save_pretrained(folder)
-        plan = result.plan
-        if plan is not None and plan.smoothed:
-            save_recipe(plan, folder / "smoothquant_recipe.json")
-        (folder / RECIPE_FILE).write_text(json.dumps(metadata, indent=1))
+        write_sidecars(folder, tokenizer, result.plan, metadata)
 
     return write_atomically(output, write)
+
+
+def write_sidecars(folder: Path, tokenizer: Any, plan: Any, metadata: dict[str, Any]) -> None:
+    """The files beside the weights: tokenizer, ``smoothquant_recipe.json`` (when groups were smoothed) and
+    ``tico_recipe.json``; shared by the in-memory and the streamed paths so both folders look the same."""
+    from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
+
+    tokenizer.save_pretrained(folder)
+    if plan is not None and plan.smoothed:
+        save_recipe(plan, folder / "smoothquant_recipe.json")
+    (folder / RECIPE_FILE).write_text(json.dumps(metadata, indent=1))
 
 
 ROTATIONS = ("none", "fused", "online")
@@ -165,7 +171,6 @@ def _stream_to_folder(
     device: str, options: dict[str, Any],
 ) -> QuantizationResult:
     """The block-by-block path of :func:`quantize_to_folder`; the folder is published only when complete."""
-    from tico.experimental.quantization.algorithm.smoothquant.recipe import save_recipe
     from tico.experimental.quantization.checkpoint import check_output
     from tico.experimental.quantization.loading import InputError
     from tico.experimental.quantization.pipeline import quantize_checkpoint
@@ -181,11 +186,7 @@ def _stream_to_folder(
 
     def finish(staging: Path, stream: Any) -> None:
         result = QuantizationResult(None, stream)  # type: ignore[arg-type]
-        tokenizer.save_pretrained(staging)
-        plan = stream.plan
-        if plan is not None and plan.smoothed:
-            save_recipe(plan, staging / "smoothquant_recipe.json")
-        (staging / RECIPE_FILE).write_text(json.dumps(run_metadata(result, config, calibration, dict(options, streamed=True)), indent=1))
+        write_sidecars(staging, tokenizer, stream.plan, run_metadata(result, config, calibration, dict(options, streamed=True)))
 
     try:
         stream = quantize_checkpoint(folder, config, calibration.windows.split(batch_size), output, device=device,
