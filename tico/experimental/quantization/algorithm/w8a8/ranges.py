@@ -91,6 +91,23 @@ class RangeSketch:
         return clips[best]
 
 
+class SketchCache:
+    """One :class:`RangeSketch` per sample tensor (by identity), for one convert: the alpha search and the
+    static ranges of every layer reading that sample (``q/k/v`` read one) share it, scaled by their own
+    smoothing divisor (``RangeSketch.of(x).scaled(s)`` holds the values of ``RangeSketch.of(x / s)``)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[torch.Tensor, int, RangeSketch]] = {}
+
+    def of(self, sample: torch.Tensor) -> RangeSketch:
+        hit = self._by_id.get(id(sample))
+        if hit is not None and hit[0] is sample and hit[1] == sample._version:
+            return hit[2]
+        sketch = RangeSketch.of(sample)
+        self._by_id[id(sample)] = (sample, sample._version, sketch)  # holds the sample: its id stays unique
+        return sketch
+
+
 def _clip_errors(values: torch.Tensor, weights: torch.Tensor | None, clips: list[float]) -> torch.Tensor:
     """Weighted ``sum (x - q_c(x))**2`` for every clip ``c``, batched; the integers of :func:`fake_quant_range`."""
     scale = absmax_to_scale(torch.tensor(clips, dtype=torch.float32))  # range_to_scale, elementwise
@@ -173,11 +190,13 @@ def static_range(
     percentile: float,
     weight: torch.Tensor | None = None,
     weight_q: torch.Tensor | None = None,
+    sketch: RangeSketch | None = None,
 ) -> float:
     """The range ``r`` of a static per-tensor int8 scale ``r / 127`` under ``method``.
 
     ``"output_mse"`` needs the layer's (smoothed) ``weight`` and its deployed quantize-dequantize ``weight_q``;
-    without them it falls back to ``"mse"``.
+    without them it falls back to ``"mse"``. ``sketch``: ``sample``'s :class:`RangeSketch` if already built
+    (``"mse"`` then scores it instead of sketching ``sample`` again).
     """
     if method == "absmax" or sample is None:
         return absmax
@@ -186,6 +205,8 @@ def static_range(
     if method == "output_mse":
         method = "mse"
     if method == "mse":
+        if sketch is not None:
+            return sketch.mse_clip(absmax) if absmax > 0 else 0.0
         return mse_range(sample, absmax)
     if method == "percentile":
         return percentile_range(sample, absmax, percentile)
