@@ -7,8 +7,8 @@ the calibration sample, with exactly the quantizer that will be deployed.
 Cost. Convert calls these once per layer and, for ``alpha="auto"``, once per scored alpha, so they must cost
 a small fraction of one forward pass, not ``len(CLIP_RATIOS)`` passes over the sample:
 
-* the clip is searched **coarse to fine** over :data:`CLIP_RATIOS` (every 8th ratio, then every ratio within
-  one coarse step of the two best), with all candidates of a step scored in one batched tensor op;
+* the clip is searched **coarse to fine** over :data:`CLIP_RATIOS` (every 8th ratio, then halving strides
+  4, 2, 1 around the two best so far), with all candidates of a step scored in one batched tensor op;
 * a sample of more than :data:`MAX_SCORED` values is scored through a :class:`RangeSketch`, **stratified**:
   each channel's largest ``|x|`` (the tail, where clipping happens, kept exactly) plus a seeded uniform
   subsample of the rest, weighted to stand for all of it (rounding error there is an average, well estimated
@@ -120,7 +120,9 @@ def _clip_errors(values: torch.Tensor, weights: torch.Tensor | None, clips: list
 
 def coarse_to_fine(score, n: int, step: int = COARSE_STEP, keep: int = 2) -> int:
     """The index in ``range(n)`` minimising ``score(list of indices) -> tensor of errors``, searched coarse to
-    fine: every ``step``-th index (and the last), then every index within ``step`` of the ``keep`` best.
+    fine: every ``step``-th index (and the last), then, with halving strides ``h = step / 2, ..., 1``, the
+    indices ``b +- h`` around each of the ``keep`` best so far (about 25 of 96 scores instead of the ~35 of
+    scoring every index within ``step`` of the best: the clip error is smooth at the coarse scale).
 
     Ties go to the larger index (the larger clip). Exhaustive when ``step <= 1``.
     """
@@ -129,11 +131,13 @@ def coarse_to_fine(score, n: int, step: int = COARSE_STEP, keep: int = 2) -> int
     else:
         idx = sorted(set(range(0, n, step)) | {n - 1})
     errors = dict(zip(idx, score(idx).tolist()))
-    if len(idx) < n:
+    h = step // 2 if len(idx) < n else 0
+    while h >= 1:
         best = sorted(errors, key=lambda i: (errors[i], -i))[:keep]
-        fine = sorted({j for b in best for j in range(max(0, b - step + 1), min(n, b + step))} - set(errors))
+        fine = sorted({j for b in best for j in (b - h, b + h) if 0 <= j < n} - set(errors))
         if fine:
             errors.update(zip(fine, score(fine).tolist()))
+        h //= 2
     return min(errors, key=lambda i: (errors[i], -i))
 
 
