@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, channel_absmax_of
+from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, tensor_channel_absmax
 
 
 class _Step:
@@ -64,7 +64,7 @@ class SampledChannelObserver(ChannelAbsMaxObserver):
         flat = x.detach().reshape(-1, self.channels)
         if flat.shape[0] == 0:
             return
-        current = channel_absmax_of(flat)
+        current = tensor_channel_absmax(x, self.channels)  # shared with a smoothing observer of this tensor
         self.absmax = current.clone() if self.absmax is None else torch.maximum(self.absmax, current)
         self.calls += 1
         self.rows += flat.shape[0]
