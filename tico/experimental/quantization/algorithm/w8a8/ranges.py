@@ -49,6 +49,7 @@ class RangeSketch:
     values: torch.Tensor  # fp32 [M]
     channels: torch.Tensor  # long [M]: the channel of each value
     weights: torch.Tensor | None  # fp32 [M], None: every value of the sample, weight 1
+    tail: int = 0  # the first ``tail`` values are the exact tail (weight 1), the others the uniform subsample
 
     @classmethod
     def of(cls, sample: torch.Tensor, max_scored: int = MAX_SCORED) -> "RangeSketch":
@@ -72,12 +73,25 @@ class RangeSketch:
             torch.cat([tail, rest]),
             torch.cat([tail_channels, idx % c]),
             torch.cat([tail.new_ones(tail.numel()), tail.new_full((idx.numel(),), weight)]),
+            tail.numel(),
         )
 
     def scaled(self, divisor: torch.Tensor) -> "RangeSketch":
         """The sketch of ``sample / divisor`` (``divisor``: one per channel)."""
         d = divisor.float().to(self.values.device).reshape(-1)
-        return RangeSketch(self.values / d[self.channels], self.channels, self.weights)
+        return RangeSketch(self.values / d[self.channels], self.channels, self.weights, self.tail)
+
+    def thinned(self, rest: int) -> "RangeSketch":
+        """The same exact tail with only the first ``rest`` values of the uniform subsample, reweighted to stand
+        for the same values (they are i.i.d. draws, so any prefix is a uniform subsample): a cheaper, noisier
+        estimate of the same clip errors (``self`` when it has no more than ``rest`` of them)."""
+        n_rest = self.values.numel() - self.tail
+        if self.weights is None or n_rest <= rest:
+            return self
+        keep = self.tail + rest
+        weights = self.weights[:keep].clone()
+        weights[self.tail :] *= n_rest / max(1, rest)
+        return RangeSketch(self.values[:keep], self.channels[:keep], weights, self.tail)
 
     def mse_clip(self, absmax: float, exhaustive: bool = False) -> float:
         """The clip in ``absmax * CLIP_RATIOS`` with the smallest (estimated) ``sum (x - q(x))**2``."""
