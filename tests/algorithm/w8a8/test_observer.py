@@ -77,3 +77,16 @@ def test_sample_keeps_the_input_dtype():
     for b in _batches(4):
         obs.observe(b.to(torch.bfloat16))
     assert obs.rows_sample.dtype == torch.bfloat16 and obs.absmax.dtype == torch.float32
+
+
+def test_smoothing_and_w8a8_observers_of_one_tensor_share_the_abs_max_but_not_its_storage():
+    from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
+
+    batches = _batches(5)
+    sq, w8 = ChannelAbsMaxObserver(8), SampledChannelObserver(8, 16)
+    for b in batches:
+        sq.observe(b)  # a norm's output hook, then q_proj's input hook: the same tensor object
+        w8.observe(b)
+    expected = torch.cat(batches).abs().amax(dim=(0, 1))
+    assert torch.equal(sq.absmax, expected) and torch.equal(w8.absmax, expected)
+    assert sq.absmax.data_ptr() != w8.absmax.data_ptr() and sq.rows == w8.rows == 240

@@ -111,3 +111,27 @@ def test_fast_output_mse_range_is_as_good_as_exhaustive(seed):
     absmax = float(x.abs().max())
     out_err = lambda c: float((fake_quant_range(x, c) @ wq.T - x @ w.T).pow(2).sum())  # noqa: E731
     assert out_err(output_mse_range(x, absmax, w, wq)) <= out_err(output_mse_range(x, absmax, w, wq, exhaustive=True)) * 1.005
+
+
+def test_thinned_sketch_keeps_the_exact_tail_and_stands_for_the_same_values():
+    x = _activations(2, 2048, 256)
+    sketch = RangeSketch.of(x)
+    thin = sketch.thinned(1 << 12)
+    assert thin.values.numel() == sketch.tail + (1 << 12) < sketch.values.numel()
+    assert torch.equal(thin.values[: sketch.tail], sketch.values[: sketch.tail])  # the tail, whole and exact
+    assert float(thin.weights.sum()) == pytest.approx(float(sketch.weights.sum()), rel=1e-5)
+    assert thin.scaled(torch.full((256,), 2.0)).tail == sketch.tail
+    assert sketch.thinned(1 << 20) is sketch and RangeSketch.of(x[:8]).thinned(4).weights is None
+
+
+def test_sketch_cache_builds_one_sketch_per_sample_and_version():
+    from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache
+
+    x = _activations(3, 2048, 64)
+    cache = SketchCache()
+    first = cache.of(x)
+    assert cache.of(x) is first and cache.of(x.clone()) is not first
+    s = 0.5 + torch.rand(64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first.scaled(s).values, RangeSketch.of(x / s).values)  # what a smoothed layer deploys
+    x.mul_(2)  # modified in place: a new sketch
+    assert not torch.equal(cache.of(x).values, first.values)

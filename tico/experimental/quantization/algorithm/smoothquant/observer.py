@@ -6,6 +6,7 @@ The hook keeps one fp32 vector (never activations), reduces with ``amax``/``amin
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -19,6 +20,25 @@ def channel_absmax_of(flat: torch.Tensor) -> torch.Tensor:
     """``max_i |flat[i, j]|`` per column ``j``, fp32: ``amax`` and ``amin`` over rows (exact for a max, no ``|x|``
     temporary; on CPU 5-10x faster than ``torch.aminmax(dim=0)``, which dominated calibration-time observation)."""
     return torch.maximum(flat.amax(dim=0), flat.amin(dim=0).neg()).float()
+
+
+_RECENT: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+_RECENT_SIZE = 8
+
+
+def tensor_channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """:func:`channel_absmax_of` ``x`` viewed as ``[-1, channels]``, computed once per tensor object and version:
+    a smoothing group's observer and the quantizer's observer of the same tensor (a norm's output is also
+    ``q_proj``'s input) share one reduction. The result is shared: callers must not modify it in place."""
+    key = (id(x), channels)
+    hit = _RECENT.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        return hit[2]
+    result = channel_absmax_of(x.detach().reshape(-1, channels))
+    if len(_RECENT) >= _RECENT_SIZE:
+        _RECENT.pop(next(iter(_RECENT)))
+    _RECENT[key] = (weakref.ref(x), x._version, result)
+    return result
 
 
 class ChannelAbsMaxObserver:
@@ -37,16 +57,15 @@ class ChannelAbsMaxObserver:
             if self.bad_shape is None:
                 self.bad_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (type(x).__name__,)  # type: ignore[assignment]
             return
-        flat = x.detach().reshape(-1, self.channels)
-        if flat.shape[0] == 0:
+        if x.numel() == 0:
             return
-        current = channel_absmax_of(flat)
+        current = tensor_channel_absmax(x, self.channels)  # shared: never modified in place
         if self.absmax is None:
-            self.absmax = current
+            self.absmax = current.clone()
         else:
             torch.maximum(self.absmax, current, out=self.absmax)
         self.calls += 1
-        self.rows += flat.shape[0]
+        self.rows += x.numel() // self.channels
 
     def attach(self, model: nn.Module, point: ObservationPoint) -> RemovableHandle:
         """Hook this observer at ``point`` of ``model``."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, channel_absmax_of
+from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, tensor_channel_absmax
 
 
 class _Step:
@@ -64,7 +64,7 @@ class SampledChannelObserver(ChannelAbsMaxObserver):
         flat = x.detach().reshape(-1, self.channels)
         if flat.shape[0] == 0:
             return
-        current = channel_absmax_of(flat)
+        current = tensor_channel_absmax(x, self.channels)  # shared with a smoothing observer of this tensor
         self.absmax = current.clone() if self.absmax is None else torch.maximum(self.absmax, current)
         self.calls += 1
         self.rows += flat.shape[0]
@@ -98,8 +98,15 @@ class SampledChannelObserver(ChannelAbsMaxObserver):
         kept, idx = torch.topk(keys, self.max_rows)
         old = self._keys.numel()
         from_old, from_new = idx[idx < old], idx[idx >= old] - old
-        rows = torch.cat([self.rows_sample[from_old.to(self.rows_sample.device)],
-                          flat[new[from_new].to(flat.device)].to(self.rows_sample.device)])
+        sample = self.rows_sample
+        rows = torch.empty_like(sample)  # the kept old rows, then the new ones: gathered in place (no cat)
+        n_old = from_old.numel()
+        torch.index_select(sample, 0, from_old.to(sample.device), out=rows[:n_old])
+        picked = new[from_new].to(flat.device)
+        if flat.device == sample.device and flat.dtype == sample.dtype:
+            torch.index_select(flat, 0, picked, out=rows[n_old:])
+        else:
+            rows[n_old:] = flat[picked]
         self._keys = torch.cat([keys[from_old], keys[old + from_new]])
         self.rows_sample = rows
 

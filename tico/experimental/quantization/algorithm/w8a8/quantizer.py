@@ -28,7 +28,7 @@ from tico.experimental.quantization.algorithm.smoothquant.quantizer import Scale
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
 from tico.experimental.quantization.algorithm.w8a8 import attention, massive
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
-from tico.experimental.quantization.algorithm.w8a8.ranges import static_range
+from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache, static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant, Term, search_alpha
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -125,6 +125,7 @@ class W8A8Quantizer(BaseQuantizer):
         self.report = W8A8Report()
         self.attention_modules: list[str] = []
         self._attention_before: str | None = None  # the attention implementation prepare replaced
+        self._sketches = SketchCache()  # range sketches of the samples, shared by searches and ranges (one convert)
 
     @property
     def plan(self):
@@ -263,6 +264,7 @@ class W8A8Quantizer(BaseQuantizer):
                 errors.append(str(exc))
         self.fail(model, errors)  # the searches and ranges below need valid statistics
         quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
+        self._sketches = SketchCache()
         report = W8A8Report(kept_float=dict(self.report.kept_float))
         smoothing = None
         if self.sq is not None:
@@ -274,6 +276,7 @@ class W8A8Quantizer(BaseQuantizer):
                   for name in track(self.targets, "planning int8 layers (ranges)")}
         report.quantized = list(layers)
         embedding = self._plan_embeddings(model, layers, report) if cfg.quantize_embeddings else []
+        self._sketches = SketchCache()  # frees the sketches
         return ConversionPlan(smoothing, layers, embedding, attention_scales, report)
 
     def _plan_layer(
@@ -304,7 +307,11 @@ class W8A8Quantizer(BaseQuantizer):
             if cfg.act_range == "output_mse":
                 weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
                 weight_q = quant.quantize_weight(weight)
-            r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q)
+            sketch = None
+            if cfg.act_range == "mse" and obs.rows_sample is not None:  # the sketch the alpha search scored
+                sketch = self._sketches.of(obs.rows_sample)
+                sketch = sketch if divisor is None else sketch.scaled(divisor)
+            r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q, sketch)
             report.act_ranges[name] = r
             act_scale = range_to_scale(r)
         dynamic = cfg.activations == "dynamic"
@@ -429,7 +436,8 @@ class W8A8Quantizer(BaseQuantizer):
                     continue  # kept in float (or fused experts): its quantization error is zero
                 terms.append(Term(obs.rows_sample, obs.absmax, _weight_rows(model.get_submodule(c.module)), c.channel_map))
             alphas[g.producer] = (
-                search_alpha(terms, self.sq.scales_for(model, g), self.config.alpha_grid, quant)[0] if terms else g.alpha
+                search_alpha(terms, self.sq.scales_for(model, g), self.config.alpha_grid, quant, sketches=self._sketches)[0]
+                if terms else g.alpha
             )
         return alphas  # type: ignore[return-value]
 
@@ -446,6 +454,7 @@ class W8A8Quantizer(BaseQuantizer):
             return smoothing_scales(obs.absmax, w_absmax, a)
 
         if self.sq.config.alpha_is_auto and obs.rows_sample is not None:
-            alpha, _ = search_alpha([Term(obs.rows_sample, obs.absmax, weight)], scales_for, self.config.alpha_grid, quant)
+            alpha, _ = search_alpha([Term(obs.rows_sample, obs.absmax, weight)], scales_for, self.config.alpha_grid, quant,
+                                    sketches=self._sketches)
         report.alphas[name] = alpha
         return scales_for(alpha)
