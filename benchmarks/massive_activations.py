@@ -187,7 +187,8 @@ def main() -> None:
                 print(f"      {n}: {v}")
         if quantizer.report.block_choices:
             off = [b for b, v in quantizer.report.block_choices.items() if v.startswith("unsmoothed")]
-            print(f"    block_objective: {len(off)} of {len(quantizer.report.block_choices)} blocks unsmoothed:")
+            print(f"    block_objective: {len(off)} of {len(quantizer.report.block_choices)} blocks unsmoothed; it took "
+                  f"{quantizer.report.block_objective_s:.1f}s = {quantizer.report.block_objective_s / forward_s:.2f} calib fwd:")
             for b, v in quantizer.report.block_choices.items():
                 print(f"      {b}: {v.split(';')[0]})")
         if key in ("naive+fallback", "fallback") and not shown:  # raw (unsmoothed) statistics, kept by either
@@ -197,7 +198,7 @@ def main() -> None:
         if args.json:
             with args.json.open("a") as f:
                 f.write(json.dumps(dict(recipe=key, ppl=ppl, float_ppl=float_ppl, change_pct=change, kl=kl, top1=top1,
-                                        cost=cost, act_modes=modes, block_choices=quantizer.report.block_choices)) + "\n")
+                                        cost=cost, objective_cost=quantizer.report.block_objective_s / forward_s, act_modes=modes, block_choices=quantizer.report.block_choices)) + "\n")
         del model
 
 

@@ -125,3 +125,13 @@ def test_block_objective_needs_smoothing():
         W8A8Config(block_objective=True)
     with pytest.raises(ValueError, match="block_objective_tokens"):
         W8A8Config(smoothing=SQ, block_objective=True, block_objective_tokens=0)
+
+
+def test_blocks_that_keep_the_searched_recipe_are_bit_identical_to_the_option_off():
+    """The trial forwards leave nothing behind: every block kept "searched" -> the same model as without it."""
+    build, batches = _models()["zoo_llama"]
+    chosen, quantizer, _ = _quantize(build, batches, OBJECTIVE)
+    assert all(v.startswith("searched") for v in quantizer.report.block_choices.values())
+    plain, _, _ = _quantize(build, batches, dataclasses.replace(OBJECTIVE, block_objective=False))
+    with torch.no_grad():
+        assert torch.equal(chosen(batches[0]).logits, plain(batches[0]).logits)

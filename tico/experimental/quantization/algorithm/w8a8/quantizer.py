@@ -15,6 +15,7 @@ the model exactly as it was, still prepared.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class W8A8Report:
     act_modes: dict[str, str] = field(default_factory=dict)  # layer -> chosen activation mode and why (dynamic_fallback)
     block_choices: dict[str, str] = field(default_factory=dict)  # block -> chosen candidate and errors (block_objective)
     block_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> candidate -> block-output error
+    block_objective_s: float = 0.0  # seconds convert spent on block_objective (second plans + trial forwards)
 
     def summary(self) -> str:
         lines = [f"W8A8: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept in float"]
@@ -357,6 +359,7 @@ class W8A8Quantizer(BaseQuantizer):
         """``block_objective``: per block, the searched smoothing or none, whichever quantized block reproduces
         the float block's recorded output best; ``smoothing``, ``layers`` and ``report`` are updated in place."""
         assert self.sq is not None and self.recorder is not None
+        start = time.perf_counter()
         switched = {p for producers in self.switchable.values() for p in producers}
         off = ScalePlan(alphas=dict(smoothing.alphas), scales={
             p: torch.ones_like(s) if p in switched else s for p, s in smoothing.scales.items()})
@@ -391,6 +394,7 @@ class W8A8Quantizer(BaseQuantizer):
                         if name in theirs:
                             mine[name] = theirs[name]
             logger.info("%s: %s", block, choice.describe())
+        report.block_objective_s = time.perf_counter() - start
 
     def _choose_mode(
         self, name: str, linear: nn.Linear, obs: Any, divisor: torch.Tensor | None, smooth: torch.Tensor | None,
