@@ -108,16 +108,20 @@ def test_chosen_recipe_exports_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded(EVAL).logits, model(EVAL).logits)
 
 
-def test_recorder_is_bounded_and_freed():
+def test_recorder_is_bounded_and_a_copy_convert_can_be_repeated():
     build, batches = _models()["massive_llama"]
-    model = prepare(build(), dataclasses.replace(OBJECTIVE, block_objective_tokens=100))
+    model = prepare(build(), dataclasses.replace(HARSH, block_objective_tokens=100))
     quantizer = get_quantizer(model)
     with torch.no_grad():
         for b in batches:
             model(b)
     assert all(len(v) == 1 for v in quantizer.recorder.calls.values())  # one call of 4x32 tokens reaches 100
-    convert(model)
-    assert all(not v for v in quantizer.recorder.calls.values())
+    first = convert(model, inplace=False)
+    choices = dict(quantizer.report.block_errors)
+    second = convert(model, inplace=False)  # the original stays prepared, its recorded calls kept
+    assert quantizer.report.block_errors == choices
+    with torch.no_grad():
+        assert torch.equal(first(EVAL[:2]).logits, second(EVAL[:2]).logits)
 
 
 def test_block_objective_needs_smoothing():

@@ -108,7 +108,9 @@ class BlockRecorder:
     """Records, per block, the first calls (arguments and float output) until ``tokens`` tokens.
 
     Memory: about ``2 * tokens * hidden`` values per block (input and output), plus references to the call's
-    other arguments (masks, rotary tables), which the model shares between blocks.
+    other arguments (masks, rotary tables), which the model shares between blocks. Kept, like the observers'
+    samples, as long as the quantizer (so ``convert(model, inplace=False)`` can be repeated); an in-place
+    ``convert`` drops the quantizer from the model.
     """
 
     def __init__(self, blocks: list[str], tokens: int) -> None:

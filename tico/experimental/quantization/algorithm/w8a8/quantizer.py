@@ -271,8 +271,6 @@ class W8A8Quantizer(BaseQuantizer):
             self._apply_embeddings(model, plan, tx)
             self._apply_attention(model, plan, tx)
         self.report = plan.report
-        if self.recorder is not None:  # the recorded block calls are no longer needed
-            self.recorder.calls = {b: [] for b in self.recorder.calls}
         logger.info("%s", self.report.summary())
         return model
 
