@@ -17,7 +17,9 @@ computed once; each recipe then costs one calibration pass and one evaluation pa
 
 Prints one line per recipe (ppl change and KL against the targets: static within +5%, dynamic within +1%), the
 per-layer diagnostic of the inputs (max/median token abs-max and the positions of the massive tokens) and every
-per-layer activation choice of the fallback recipe.
+per-layer activation choice of the fallback recipe;
+the ``+objective`` recipes (``block_objective=True``) also print every block's choice, both candidates' block-output
+errors and the seconds the objective took.
 """
 
 from __future__ import annotations
