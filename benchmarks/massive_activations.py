@@ -17,7 +17,9 @@ computed once; each recipe then costs one calibration pass and one evaluation pa
 
 Prints one line per recipe (ppl change and KL against the targets: static within +5%, dynamic within +1%), the
 per-layer diagnostic of the inputs (max/median token abs-max and the positions of the massive tokens) and every
-per-layer activation choice of the fallback recipe.
+per-layer activation choice of the fallback recipe;
+the ``+objective`` recipes (``block_objective=True``) also print every block's choice, both candidates' block-output
+errors and the seconds the objective took.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def recipes() -> dict[str, W8A8Config]:
         "exportable": W8A8Config(**exportable),
         "fallback": W8A8Config(dynamic_fallback=FALLBACK_BUDGET, **exportable),
         "naive+fallback": W8A8Config(activations="static", act_range="mse", dynamic_fallback=FALLBACK_BUDGET),
+        "fallback+objective": W8A8Config(dynamic_fallback=FALLBACK_BUDGET, block_objective=True, **exportable),
         "dynamic": W8A8Config(activations="dynamic"),
         "dynamic-sq": W8A8Config(smoothing=sq_auto, activations="dynamic"),
+        "dynamic-sq+objective": W8A8Config(smoothing=sq_auto, activations="dynamic", block_objective=True),
     }
 
 
@@ -89,8 +93,10 @@ DESCRIPTIONS = {
     "exportable": "static   exportable recipe (auto a, linear producers, MSE)",
     "fallback": f"mixed    exportable + dynamic_fallback={FALLBACK_BUDGET:g}",
     "naive+fallback": f"mixed    naive (MSE) + dynamic_fallback={FALLBACK_BUDGET:g}",
+    "fallback+objective": "mixed    fallback + block_objective (per-block choice)",
     "dynamic": "dynamic  naive W8A8 per-token",
     "dynamic-sq": "dynamic  auto a, linear producers",
+    "dynamic-sq+objective": "dynamic  auto a + block_objective",
 }
 
 
@@ -181,6 +187,12 @@ def main() -> None:
             print(f"    {len(dyn)} of {len(modes)} layers dynamic:")
             for n, v in (modes if key == "fallback" else dyn).items():
                 print(f"      {n}: {v}")
+        if quantizer.report.block_choices:
+            off = [b for b, v in quantizer.report.block_choices.items() if v.startswith("unsmoothed")]
+            print(f"    block_objective: {len(off)} of {len(quantizer.report.block_choices)} blocks unsmoothed; it took "
+                  f"{quantizer.report.block_objective_s:.1f}s = {quantizer.report.block_objective_s / forward_s:.2f} calib fwd:")
+            for b, v in quantizer.report.block_choices.items():
+                print(f"      {b}: {v.split(';')[0]})")
         if key in ("naive+fallback", "fallback") and not shown:  # raw (unsmoothed) statistics, kept by either
             shown = True
             print("  diagnostic (raw layer inputs over all calibration data):")
@@ -188,7 +200,7 @@ def main() -> None:
         if args.json:
             with args.json.open("a") as f:
                 f.write(json.dumps(dict(recipe=key, ppl=ppl, float_ppl=float_ppl, change_pct=change, kl=kl, top1=top1,
-                                        cost=cost, act_modes=modes)) + "\n")
+                                        cost=cost, objective_cost=quantizer.report.block_objective_s / forward_s, act_modes=modes, block_choices=quantizer.report.block_choices)) + "\n")
         del model
 
 

@@ -49,7 +49,19 @@ def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
         ("fused + online Hadamard down_proj + SmoothQuant", "fused+online", W8A8Config(smoothing=smooth, **common)),
         ("(ref) in-quantizer smooth+rotate, not exportable", "",
          W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
-    ]
+        ("SmoothQuant + block_objective", "", W8A8Config(smoothing=smooth, block_objective=True, **common)),
+    ] + ([("SmoothQuant + dynamic_fallback=16", "", W8A8Config(smoothing=smooth, dynamic_fallback=16.0, **common)),
+          ("SmoothQuant + dynamic_fallback=16 + block_objective", "",
+           W8A8Config(smoothing=smooth, dynamic_fallback=16.0, block_objective=True, **common))]
+         if activations == "static" else [])
+
+
+def selected(all_rows: list[tuple[str, str, W8A8Config]], only: str | None) -> list[tuple[str, str, W8A8Config]]:
+    """The rows whose name is one of the ``;``-separated ``only`` names (all rows when None)."""
+    if only is None:
+        return all_rows
+    names = set(only.split(";"))
+    return [r for r in all_rows if r[0] in names]
 
 
 def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Callable[[], torch.nn.Module]:
@@ -64,7 +76,7 @@ def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Calla
     return make
 
 
-def real_model(backend: str, seed: int) -> None:
+def real_model(backend: str, seed: int, only: str | None = None) -> None:
     data = stories_data()
     if data is None:
         return
@@ -77,20 +89,20 @@ def real_model(backend: str, seed: int) -> None:
           f"(rotated float {rot_ppl:.4f})")
     print(f"{'activations':10s} {'recipe':50s} {'ppl':>8s} {'vs float':>9s} {'mean KL':>9s} {'top-1':>7s} {'time':>6s}")
     for activations in ("static", "dynamic"):
-        for name, rotate, config in rows(activations, backend):
+        for name, rotate, config in selected(rows(activations, backend), only):
             start = time.perf_counter()
             q = quantize(loader(load, rotate, seed), calib, config)
             print_row(activations, name, q, reference, evaluation, float_ppl, start, width=50)
 
 
-def random_model(backend: str, seed: int) -> None:
+def random_model(backend: str, seed: int, only: str | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 512, (32, 128), generator=gen)
     evaluation = torch.randint(0, 512, (16, 128), generator=gen)
     reference = outlier_llama()
     print("\nrandom Llama with outlier norm channels (x20..x60): mean KL to float")
     for activations in ("static", "dynamic"):
-        for name, rotate, config in rows(activations, backend):
+        for name, rotate, config in selected(rows(activations, backend), only):
             q = quantize(loader(outlier_llama, rotate, seed), calib, config)
             fid = logit_fidelity(q, reference, evaluation)
             print(f"  {activations:8s} {name:50s} KL {fid.kl:.4f}  top-1 {fid.top1_agreement:.4f}", flush=True)
@@ -102,12 +114,13 @@ def main() -> None:
     parser.add_argument("--backend", choices=["int8", "fake"], default="int8", help="default: int8")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fused rotations")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=None, help="';'-separated row names to run (default: every row)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("real", "all"):
-        real_model(args.backend, args.seed)
+        real_model(args.backend, args.seed, args.rows)
     if args.part in ("random", "all"):
-        random_model(args.backend, args.seed)
+        random_model(args.backend, args.seed, args.rows)
 
 
 if __name__ == "__main__":

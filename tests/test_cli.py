@@ -449,3 +449,22 @@ def test_dynamic_fallback_is_a_static_option_recorded_in_the_recipe(tiny_model_d
     recipe = json.loads((out / "tico_recipe.json").read_text())
     assert recipe["config"]["dynamic_fallback"] == 1.0 and recipe["options"]["dynamic_fallback"] == 1.0
     assert set(recipe["act_modes"]) == set(recipe["quantized"])  # every quantized layer's choice is recorded
+
+
+def test_block_objective_is_recorded_in_the_recipe_streamed_and_in_memory(tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
+    code = main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--scheme", "smooth",
+                 "--block-objective", "--output", str(tmp_path / "s")])
+    assert code == 2 and "block_objective applies to the W8A8 schemes" in capsys.readouterr().err
+    recipes = []
+    for mode in ([], ["--in-memory"]):
+        out = tmp_path / ("q" + "".join(mode))
+        assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32", "--block-objective",
+                         *mode) == 0
+        recipe = json.loads((out / "tico_recipe.json").read_text())
+        assert recipe["config"]["block_objective"] is True and recipe["options"]["block_objective"] is True
+        assert recipe["block_choices"] and all(v.split(" ")[0] in ("searched", "unsmoothed")
+                                               for v in recipe["block_choices"].values())
+        recipes.append(recipe["block_choices"])
+    assert set(recipes[0]) == set(recipes[1])  # one choice per block either way

@@ -3,6 +3,7 @@ nothing left behind on failure, sharded output readable by both loaders, pickle-
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tico.experimental.quantization import convert, prepare
+from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
@@ -247,3 +248,23 @@ def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
     result = quantize_checkpoint(src, config, _batches("llama"), None)
     assert result.output_dir is None and len(result.phases) == 2 and result.phases[0]["convert"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("key", ["llama", "gemma3"])
+def test_block_objective_streamed_with_float_propagation_is_bit_identical_to_in_memory(key, tmp_path):
+    """Each block's choice is made on the same recorded calls (the first calibration batch) in both."""
+    config = dataclasses.replace(EXPORTABLE, dynamic_fallback=16.0, block_objective=True, block_objective_tokens=16)
+    src = _save(build_model(key), tmp_path / "src")
+    batches = _batches(key)
+    result = quantize_checkpoint(src, config, batches, tmp_path / "stream", propagate="float")
+    model = prepare(AutoModelForCausalLM.from_pretrained(src), config)
+    quantizer = get_quantizer(model)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    convert(model)
+    save_compressed(model, tmp_path / "mem")
+    _assert_identical(tmp_path / "stream", tmp_path / "mem")
+    assert result.report.block_errors == quantizer.report.block_errors
+    assert result.report.block_choices == quantizer.report.block_choices
+    assert len(quantizer.report.block_choices) == build_model(key).config.num_hidden_layers

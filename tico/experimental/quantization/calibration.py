@@ -84,6 +84,10 @@ class QuantizationResult:
             lines += [f"  float {name}: {why}" for name, why in report.kept_float.items()]
             modes = getattr(report, "act_modes", {})
             lines += [f"  {name}: {why}" for name, why in modes.items() if why.startswith("dynamic")]
+            choices = getattr(report, "block_choices", {})
+            if choices:
+                off = [b for b, why in choices.items() if why.startswith("unsmoothed")]
+                lines.append(f"block objective: {len(off)} of {len(choices)} blocks unsmoothed {off}")
         return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ def build_config(
     ignore: Sequence[str] = (),
     linear_producers: bool | None = None,
     dynamic_fallback: float | None = None,
+    block_objective: bool = False,
 ) -> AnyConfig:
     """The config for ``scheme`` (see :data:`SCHEMES`); ``None`` arguments take the scheme's default.
 
@@ -47,6 +48,8 @@ def build_config(
     smoothing is on for the W8A8 schemes (it folds what the exported format can hold) and off for ``smooth``,
     which keeps the paper's norm -> Linear groups unless asked. ``dynamic_fallback`` (``w8a8-static`` only) lets
     layers whose static error exceeds that many times their dynamic error run dynamic per token.
+    ``block_objective`` (W8A8 schemes) keeps, per decoder block, the searched smoothing or none, whichever
+    quantized block reproduces the float block's output best (``W8A8Config.block_objective``).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
@@ -58,13 +61,15 @@ def build_config(
     smoothing = SmoothQuantConfig(alpha=alpha, linear_producers=linear_producers)  # type: ignore[arg-type]
     if dynamic_fallback is not None and scheme != "w8a8-static":
         raise ValueError("dynamic_fallback applies to w8a8-static (it turns single layers dynamic per token)")
+    if block_objective and scheme == "smooth":
+        raise ValueError("block_objective applies to the W8A8 schemes (it measures the quantized blocks)")
     if scheme == "smooth":
         if ignore:
             raise ValueError("ignore applies to the W8A8 schemes (smoothing has no layers to keep in float)")
         return smoothing
     activations = scheme.split("-")[1]
     return W8A8Config(smoothing=smoothing, activations=activations, act_range=act_range, ignore=tuple(ignore),  # type: ignore[arg-type]
-                      dynamic_fallback=dynamic_fallback)
+                      dynamic_fallback=dynamic_fallback, block_objective=block_objective)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -74,6 +74,7 @@ def run_metadata(result: QuantizationResult, config: Any, calibration: Calibrati
         "act_ranges": dict(getattr(report, "act_ranges", {}) or {}),
         "kept_float": dict(getattr(report, "kept_float", {}) or {}),
         "act_modes": dict(getattr(report, "act_modes", {}) or {}),
+        "block_choices": dict(getattr(report, "block_choices", {}) or {}),
         "quantized": list(getattr(report, "quantized", []) or []),
     }
 

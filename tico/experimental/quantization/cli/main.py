@@ -211,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
                         "(massive activations, e.g. the attention-sink token) runs dynamic per token instead; each "
                         "choice is printed and recorded (16 is a reasonable budget) (default: off)")
+    q.add_argument("--block-objective", action="store_true", default=False,
+                   help="w8a8 schemes: per decoder block, keep the searched smoothing or none, whichever quantized block "
+                        "reproduces the float block's output best on the first calibration tokens (helps models with "
+                        "massive activations); each choice is printed and recorded (default: off)")
     q.add_argument("--in-memory", dest="streaming", action="store_false", default=True,
                    help="load the whole model instead of streaming it block by block from its safetensors shards "
                         "(the default streams: memory holds one block, and each block calibrates on the quantized "

@@ -70,6 +70,13 @@ class W8A8Config(BaseConfig):
             exceeds ``b`` times its dynamic per-token error, on the ordinary or on the massive rows, gets dynamic
             per-token activations instead (still int8 and exportable). Every choice is in
             ``report.act_modes``. None (default): every layer static.
+        block_objective: choose per decoder block, by the quantized block's output error against the float
+            block's on the first ``block_objective_tokens`` calibration tokens, between the searched smoothing
+            and no smoothing for that block's groups (each fully planned: ranges, ``dynamic_fallback``); every
+            choice and its errors are in ``report.block_choices``. Needs ``smoothing``; see
+            :mod:`tico.experimental.quantization.algorithm.w8a8.block_choice`.
+        block_objective_tokens: tokens per block recorded for ``block_objective`` (whole calibration calls are
+            recorded until this many tokens).
     """
 
     smoothing: SmoothQuantConfig | None = None
@@ -87,6 +94,8 @@ class W8A8Config(BaseConfig):
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
     calibration_rows: int = 2048
     dynamic_fallback: float | None = None
+    block_objective: bool = False
+    block_objective_tokens: int = 1024
 
     def __post_init__(self) -> None:
         _one_of(self.weights, WeightGranularity, "weights")
@@ -110,6 +119,10 @@ class W8A8Config(BaseConfig):
         fb = self.dynamic_fallback
         if fb is not None and not (isinstance(fb, (int, float)) and math.isfinite(fb) and fb >= 1):
             raise ValueError(f"W8A8Config.dynamic_fallback must be None or a finite number >= 1, got {fb!r}")
+        if self.block_objective and self.smoothing is None:
+            raise ValueError("W8A8Config.block_objective chooses between smoothing and none per block: it needs smoothing")
+        if not isinstance(self.block_objective_tokens, int) or self.block_objective_tokens < 1:
+            raise ValueError(f"W8A8Config.block_objective_tokens must be a positive int, got {self.block_objective_tokens!r}")
 
     @property
     def name(self) -> str:

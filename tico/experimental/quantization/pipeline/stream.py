@@ -98,6 +98,9 @@ class StreamResult:
             merged.alphas.update(r.alphas)
             merged.act_ranges.update(r.act_ranges)
             merged.act_modes.update(getattr(r, "act_modes", {}))
+            merged.block_choices.update(getattr(r, "block_choices", {}))
+            merged.block_errors.update(getattr(r, "block_errors", {}))
+            merged.block_objective_s += getattr(r, "block_objective_s", 0.0)
         return merged
 
 

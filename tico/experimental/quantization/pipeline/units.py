@@ -33,6 +33,7 @@ class BlockShell(nn.Module):
             parent = child
         parent.add_module(str(index), block)
         self.target = f"{path}.{index}"
+        self.tico_decoder_blocks = (self.target,)  # see algorithm.w8a8.block_choice.decoder_blocks
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_submodule(self.target)(*args, **kwargs)

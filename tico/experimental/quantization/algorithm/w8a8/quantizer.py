@@ -15,6 +15,7 @@ the model exactly as it was, still prepared.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from tico.experimental.quantization.algorithm.smoothquant.groups import Observat
 from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
-from tico.experimental.quantization.algorithm.w8a8 import attention, massive
+from tico.experimental.quantization.algorithm.w8a8 import attention, block_choice, massive
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache, static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
@@ -84,11 +85,15 @@ class W8A8Report:
     alphas: dict[str, float] = field(default_factory=dict)  # group or layer -> alpha used
     act_ranges: dict[str, float] = field(default_factory=dict)  # layer -> static range (static only)
     act_modes: dict[str, str] = field(default_factory=dict)  # layer -> chosen activation mode and why (dynamic_fallback)
+    block_choices: dict[str, str] = field(default_factory=dict)  # block -> chosen candidate and errors (block_objective)
+    block_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # block -> candidate -> block-output error
+    block_objective_s: float = 0.0  # seconds convert spent on block_objective (second plans + trial forwards)
 
     def summary(self) -> str:
         lines = [f"W8A8: {len(self.quantized)} layers quantized, {len(self.kept_float)} kept in float"]
         lines += [f"  float {name}: {why}" for name, why in self.kept_float.items()]
         lines += [f"  {name}: {why}" for name, why in self.act_modes.items() if why.startswith("dynamic")]
+        lines += [f"  {name}: {why}" for name, why in self.block_choices.items() if not why.startswith("searched")]
         return "\n".join(lines)
 
 
@@ -126,6 +131,8 @@ class W8A8Quantizer(BaseQuantizer):
         self.attention_modules: list[str] = []
         self._attention_before: str | None = None  # the attention implementation prepare replaced
         self._sketches = SketchCache()  # range sketches of the samples, shared by searches and ranges (one convert)
+        self.switchable: dict[str, list[str]] = {}  # block_objective: block -> producers of its switchable groups
+        self.recorder: block_choice.BlockRecorder | None = None
 
     @property
     def plan(self):
@@ -147,6 +154,9 @@ class W8A8Quantizer(BaseQuantizer):
             for g in self.sq.discover(model, args, kwargs).smoothed:
                 for c in g.consumers:
                     self.folded_by[c.module] = (g, c.channel_map)
+        self.switchable, self.recorder = {}, None
+        if cfg.block_objective and self.sq is not None:
+            self._find_switchable(model)
         rows = cfg.calibration_rows if cfg.needs_samples else 0
         observer = massive.MassiveRowObserver if self._mixed_modes else SampledChannelObserver
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
@@ -161,6 +171,21 @@ class W8A8Quantizer(BaseQuantizer):
             raise
         self.report = W8A8Report(kept_float=kept)
         return model
+
+    def _find_switchable(self, model: nn.Module) -> None:
+        """``block_objective``: the smoothed groups that lie inside one decoder block (producer and consumers),
+        per block, and a recorder of those blocks' calibration calls."""
+        assert self.sq is not None
+        blocks = block_choice.decoder_blocks(model)
+        for g in self.sq.plan.smoothed:
+            for b in blocks:
+                if block_choice.inside(g.producer, b) and all(block_choice.inside(c.module, b) for c in g.consumers):
+                    self.switchable.setdefault(b, []).append(g.producer)
+                    break
+        if not blocks:
+            logger.warning("W8A8Config.block_objective: no decoder blocks found in %s; the searched smoothing is kept",
+                           type(model).__name__)
+        self.recorder = block_choice.BlockRecorder(list(self.switchable), self.config.block_objective_tokens)
 
     def _uninstall_attention(self, model: nn.Module) -> None:
         if self.attention_modules:
@@ -213,7 +238,10 @@ class W8A8Quantizer(BaseQuantizer):
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def install_hooks(self, model: nn.Module) -> list[RemovableHandle]:
-        return [obs.attach(model, self.points[name]) for name, obs in self.observers.items()]
+        handles = [obs.attach(model, self.points[name]) for name, obs in self.observers.items()]
+        if self.recorder is not None:
+            handles += self.recorder.install(model)
+        return handles
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
@@ -274,6 +302,8 @@ class W8A8Quantizer(BaseQuantizer):
             report.alphas.update(smoothing.alphas)
         layers = {name: self._plan_layer(model, name, smoothing, quant, report)
                   for name in track(self.targets, "planning int8 layers (ranges)")}
+        if smoothing is not None and self.recorder is not None and self.switchable:
+            self._choose_per_block(model, smoothing, layers, quant, report, attention_scales)
         report.quantized = list(layers)
         embedding = self._plan_embeddings(model, layers, report) if cfg.quantize_embeddings else []
         self._sketches = SketchCache()  # frees the sketches
@@ -326,6 +356,50 @@ class W8A8Quantizer(BaseQuantizer):
             smooth_scale=smooth,
             backend=cfg.backend,
         )
+
+    def _choose_per_block(
+        self, model: nn.Module, smoothing: ScalePlan, layers: dict[str, nn.Module], quant: DeployedQuant,
+        report: W8A8Report, attention_scales: dict[str, dict[str, float]],
+    ) -> None:
+        """``block_objective``: per block, the searched smoothing or none, whichever quantized block reproduces
+        the float block's recorded output best; ``smoothing``, ``layers`` and ``report`` are updated in place."""
+        assert self.sq is not None and self.recorder is not None
+        start = time.perf_counter()
+        switched = {p for producers in self.switchable.values() for p in producers}
+        off = ScalePlan(alphas=dict(smoothing.alphas), scales={
+            p: torch.ones_like(s) if p in switched else s for p, s in smoothing.scales.items()})
+        touched = [n for n in layers if n in switched or (n in self.folded_by and self.folded_by[n][0].producer in switched)]
+        report_off = W8A8Report()
+        layers_off = dict(layers)
+        for name in track(touched, "planning unsmoothed candidates (block objective)"):
+            layers_off[name] = self._plan_layer(model, name, off, quant, report_off)
+        folded = {}  # the producers' own parameters the searched fold changes (norm weights, biases)
+        for p in switched:
+            if p in layers:
+                continue  # a Linear producer is replaced by its planned layer
+            for pname, _ in model.get_submodule(p).named_parameters(recurse=False):
+                folded[f"{p}.{pname}"] = self.sq.smoothed_parameter(model, smoothing, f"{p}.{pname}")
+        candidates = [block_choice.Candidate("searched", folded, layers),
+                      block_choice.Candidate("unsmoothed", {}, layers_off)]
+        choices = block_choice.choose(model, self.switchable, candidates, self.recorder, attention_scales,
+                                      attention.STATE_ATTR)
+        for block, choice in choices.items():
+            report.block_choices[block] = choice.describe()
+            report.block_errors[block] = dict(choice.errors)
+            if choice.chosen != "unsmoothed":
+                continue
+            for p in choice.groups:
+                smoothing.scales[p] = off.scales[p]
+                report.alphas.pop(p, None)
+            for name in touched:
+                if block_choice.inside(name, block):
+                    layers[name] = layers_off[name]
+                    for mine, theirs in ((report.act_ranges, report_off.act_ranges), (report.act_modes, report_off.act_modes)):
+                        mine.pop(name, None)
+                        if name in theirs:
+                            mine[name] = theirs[name]
+            logger.info("%s: %s", block, choice.describe())
+        report.block_objective_s = time.perf_counter() - start
 
     def _choose_mode(
         self, name: str, linear: nn.Linear, obs: Any, divisor: torch.Tensor | None, smooth: torch.Tensor | None,

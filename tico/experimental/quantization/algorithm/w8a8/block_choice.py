@@ -1,0 +1,251 @@
+"""A model-level objective for W8A8: per decoder block, keep the recipe whose quantized block reproduces the float
+block's output best.
+
+Why: ``alpha="auto"`` and ``dynamic_fallback`` choose by *per-layer* proxies (each layer's output error on sampled
+rows). On models with massive activations (a few tokens, e.g. the first one, through a few channels at
+``down_proj`` inputs; Sun et al., 2024) smoothing moves those tokens into the weights: every layer looks fine in
+isolation while the block, and the model, get worse (SmolLM2-135M, static + ``dynamic_fallback=16``: auto-alpha
+smoothing +8.5% ppl, no smoothing -0.7%; block 11's output error is 0.16 smoothed vs 0.005 unsmoothed). The block
+output is where the layers' errors meet (and where the next block's norm reads them), so it is measured there:
+
+* calibration records, per decoder block, its call arguments and float output for the first calls, until
+  ``block_objective_tokens`` tokens (:class:`BlockRecorder`; the float output comes free with the calibration
+  forward, so no reference forward is run);
+* convert plans every candidate completely (each with its own static ranges and dynamic-fallback decisions),
+  then per block runs the block once per candidate on the recorded inputs with that candidate's layers swapped in
+  and its smoothing folded, inside a :class:`~tico.experimental.quantization.quantizer.Transaction` that is
+  rolled back (observer hooks silenced), and measures :func:`block_output_error`;
+* the candidate with the smallest error wins the block; every block's errors and choice are reported.
+
+Candidates (:data:`CANDIDATES`): ``"searched"`` (the per-layer-searched alphas: the recipe without this option)
+and ``"unsmoothed"`` (the block's smoothing groups off: scales 1). A group can be switched per block only if its
+producer and all its consumers are inside one block; other groups keep the searched alphas. Smoothing applied
+inside a layer's quantizer (``smooth_in_quantizer``) is not switched. Everything chosen exports as the searched
+recipe does (a group off is a fold by 1: nothing in the format changes). A group switched off keeps its searched
+alpha in the smoothing plan (with scales 1) and is dropped from ``report.alphas``.
+
+Where it applies: in memory, the blocks are the ``nn.ModuleList`` the streaming pipeline would find (float inputs,
+as the in-memory calibration sees them); streamed, each block unit is its own (inputs as propagated). With
+``propagate="float"`` both make the same choices (tested). Models without such a list keep the searched recipe
+(a warning says so).
+
+Cost: one forward of each block per candidate on ``block_objective_tokens`` tokens, plus planning the switched
+layers a second time (ranges and fallback decisions); measured in ``benchmarks/massive_activations.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tico.experimental.quantization.quantizer import Transaction
+
+# Call arguments that carry state across calls (KV caches): a trial forward must not read or grow them, and the
+# recorded calls come from fresh forwards, so they are replayed without one. Known names, and any value whose
+# class derives from a class named in STATE_CLASSES (transformers' ``Cache``).
+STATE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+STATE_CLASSES = ("Cache",)
+# Module attributes that hold hooks: silenced during a trial forward, so observers and the recorder see nothing.
+HOOK_ATTRS = ("_forward_pre_hooks", "_forward_hooks")
+# The attribute a unit (the pipeline's BlockShell) names its decoder blocks with, instead of a search.
+BLOCKS_ATTR = "tico_decoder_blocks"
+CANDIDATES = ("searched", "unsmoothed")
+
+
+def decoder_blocks(model: nn.Module) -> list[str]:
+    """Dotted names of ``model``'s decoder blocks: ``model.tico_decoder_blocks`` if set (one block in the pipeline),
+    else the ``nn.ModuleList`` of same-class modules holding the most parameters (as the pipeline finds them);
+    ``[]`` when there is none."""
+    named = getattr(model, BLOCKS_ATTR, None)
+    if named is not None:
+        return list(named)
+    from tico.experimental.quantization.pipeline.checkpoint import find_blocks  # the pipeline's own finder
+
+    try:
+        path, blocks = find_blocks(model)
+    except ValueError:
+        return []
+    return [f"{path}.{i}".lstrip(".") for i in range(len(blocks))]
+
+
+def _is_state(key: str, value: Any) -> bool:
+    return key in STATE_KWARGS or any(t.__name__ in STATE_CLASSES for t in type(value).__mro__)
+
+
+def inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class RecordedCall:
+    """One call of a block: its arguments (hidden states first, or under ``hidden_key``) and its float output."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: torch.Tensor | None = None
+
+    def __call__(self, block: nn.Module) -> torch.Tensor:
+        return _hidden_of(block(*self.args, **self.kwargs))
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        if self.args:
+            return self.args[0]
+        return self.kwargs.get("hidden_states", next(iter(self.kwargs.values())))
+
+
+class BlockRecorder:
+    """Records, per block, the first calls (arguments and float output) until ``tokens`` tokens.
+
+    Memory: about ``2 * tokens * hidden`` values per block (input and output), plus references to the call's
+    other arguments (masks, rotary tables), which the model shares between blocks. Kept, like the observers'
+    samples, as long as the quantizer (so ``convert(model, inplace=False)`` can be repeated); an in-place
+    ``convert`` drops the quantizer from the model.
+    """
+
+    def __init__(self, blocks: list[str], tokens: int) -> None:
+        self.tokens = tokens
+        self.calls: dict[str, list[RecordedCall]] = {b: [] for b in blocks}
+        self._seen: dict[str, int] = {b: 0 for b in blocks}
+        self._pending: dict[str, RecordedCall | None] = {b: None for b in blocks}
+
+    def install(self, model: nn.Module) -> list[RemovableHandle]:
+        handles = []
+        for name in self.calls:
+            block = model.get_submodule(name)
+            handles.append(block.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            handles.append(block.register_forward_hook(self._post(name), with_kwargs=True))
+        return handles
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._seen[name] >= self.tokens:
+                return
+            kept = {k: (None if _is_state(k, v) else v) for k, v in kwargs.items()}
+            if "use_cache" in kept:
+                kept["use_cache"] = False
+            call = RecordedCall(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kept)
+            self._pending[name] = call
+            hidden = call.hidden
+            self._seen[name] += hidden.numel() // max(hidden.shape[-1], 1)
+
+        return hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            call = self._pending[name]
+            if call is not None:
+                call.output = _hidden_of(output).detach()
+                self.calls[name].append(call)
+                self._pending[name] = None
+
+        return hook
+
+
+def block_output_error(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean over tokens of ``||out_i - ref_i||^2 / ||ref_i - x_i||^2``: each token's error relative to what the
+    block *adds* to its residual stream.
+
+    Relative to the block's update, not to its output: the residual stream carries the input through unchanged,
+    and the massive tokens' residual is hundreds of times an ordinary token's, so a ratio to the output would
+    call any error on them negligible. Per token and averaged: every token counts once, by its own error (a
+    pooled ratio would be decided by the few tokens with the largest updates).
+    """
+    out, ref, x = out.float().reshape(-1, out.shape[-1]), ref.float().reshape(-1, ref.shape[-1]), x.float().reshape(-1, x.shape[-1])
+    err = (out - ref).pow(2).sum(dim=1)
+    update = (ref - x).pow(2).sum(dim=1).clamp_min(1e-30)
+    return float((err / update).mean())
+
+
+@dataclass
+class Candidate:
+    """One recipe for every switchable block: its smoothing fold (parameter -> value) and its layers."""
+
+    name: str
+    folded: dict[str, torch.Tensor]  # producer parameter (not replaced) -> its smoothed value
+    layers: dict[str, nn.Module]  # layer -> replacement
+
+
+@dataclass
+class BlockChoice:
+    """The candidate kept for one block and every candidate's measured block-output error."""
+
+    block: str
+    chosen: str
+    errors: dict[str, float] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)  # the producers of the block's switched groups
+    tokens: int = 0
+
+    def describe(self) -> str:
+        errs = ", ".join(f"{k} {v:.3e}" for k, v in self.errors.items())
+        return (f"{self.chosen} (block-output error per token, relative to the block's update, on {self.tokens} "
+                f"tokens: {errs}; groups {self.groups})")
+
+
+@torch.no_grad()
+def trial_error(
+    model: nn.Module, block: str, candidate: Candidate, calls: list[RecordedCall],
+    attention: dict[str, dict[str, float]] | None = None, attention_attr: str | None = None,
+) -> float:
+    """The block-output error of ``block`` with ``candidate`` applied (layers swapped, producers folded, attention
+    scales fixed), over the recorded calls; ``model`` is left exactly as it was (transaction rolled back)."""
+    tx = Transaction()
+    try:
+        module = model.get_submodule(block)
+        for m in module.modules():
+            for attr in HOOK_ATTRS:
+                tx.setattr(m, attr, OrderedDict())
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, value in candidate.folded.items():
+            if inside(name, block):
+                tx.save(params[name])
+                params[name].copy_(value)
+        for name, new in candidate.layers.items():
+            if inside(name, block):
+                parent, _, child = name.rpartition(".")
+                tx.setattr(model.get_submodule(parent), child, new)
+        for name, scales in (attention or {}).items():
+            if inside(name, block) and attention_attr is not None:
+                tx.setattr(getattr(model.get_submodule(name), attention_attr), "scales", scales)
+        errors, weights = [], []
+        for call in calls:
+            out = call(module)
+            errors.append(block_output_error(out, call.output, call.hidden))  # type: ignore[arg-type]
+            weights.append(call.hidden.numel() // call.hidden.shape[-1])
+    finally:
+        tx.rollback()
+    total = sum(weights)
+    return sum(e * w for e, w in zip(errors, weights)) / total if total else math.nan
+
+
+def choose(
+    model: nn.Module, blocks: dict[str, list[str]], candidates: list[Candidate], recorder: BlockRecorder,
+    attention: dict[str, dict[str, float]] | None = None, attention_attr: str | None = None,
+) -> dict[str, BlockChoice]:
+    """Per block (``block -> the producers of its switchable groups``), the candidate with the smallest
+    block-output error on the recorded calls (the first candidate on ties or when nothing was recorded)."""
+    choices = {}
+    for block, groups in blocks.items():
+        calls = recorder.calls.get(block, [])
+        tokens = sum(c.hidden.numel() // c.hidden.shape[-1] for c in calls)
+        if not calls:
+            choices[block] = BlockChoice(block, candidates[0].name, {}, groups, 0)
+            continue
+        errors = {c.name: trial_error(model, block, c, calls, attention, attention_attr) for c in candidates}
+        def rank(c: Candidate) -> tuple[float, int]:  # NaN (a diverged trial) never wins
+            e = errors[c.name]
+            return (math.inf if math.isnan(e) else e, candidates.index(c))
+
+        best = min(candidates, key=rank).name
+        choices[block] = BlockChoice(block, best, errors, groups, tokens)
+    return choices
