@@ -52,7 +52,13 @@ from tico.experimental.quantization.pipeline.units import (
     rotates,
     scoped_config,
 )
-from tico.experimental.quantization.pipeline.vocab import Passthrough, gathered_embedding, passthrough_matrices, stored_keys
+from tico.experimental.quantization.pipeline.vocab import (
+    Passthrough,
+    gathered_embedding,
+    passthrough_matrices,
+    stored_keys,
+    untied_head,
+)
 from tico.experimental.quantization.public_interface import convert, get_quantizer, prepare
 
 logger = logging.getLogger(__name__)
@@ -258,9 +264,12 @@ def quantize_checkpoint(
     rest_expected = [n for n in state_names if not n.startswith(blocks_path + ".")]
     result = StreamResult(Path(output_dir) if output_dir is not None else None, n_blocks)
 
-    # 1. the blocks' inputs, from the parts before them (the input embedding: only the calibration tokens' rows)
+    # 1. the blocks' inputs, from the parts before them (the input embedding: only the calibration tokens' rows;
+    # the LM head: not at all)
+    head, head_keys = untied_head(ckpt, model)
     with gathered_embedding(ckpt, model, batches) as (gathered, gathered_keys):
-        ckpt.load([k for k in rest_keys if k not in gathered_keys], [n for n in rest_expected if n not in gathered])
+        skipped, skipped_keys = {*gathered, *head}, {*gathered_keys, *head_keys}
+        ckpt.load([k for k in rest_keys if k not in skipped_keys], [n for n in rest_expected if n not in skipped])
         t0 = time.perf_counter()
         captured = capture_block_inputs(model, block_list, batches)
         result.capture_s = time.perf_counter() - t0

@@ -25,6 +25,9 @@ from tico.experimental.quantization.export.shards import StoredTensor
 from tico.experimental.quantization.pipeline.checkpoint import Checkpoint
 
 
+COPY_CHUNK_BYTES = 64 * 1024**2  # a passed-through matrix is copied to the output in row ranges of this size
+
+
 def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -114,6 +117,17 @@ def gathered_embedding(ckpt: Checkpoint, model: nn.Module, batches: list[Any]) -
         embedding.weight = original
 
 
+def untied_head(ckpt: Checkpoint, model: nn.Module) -> tuple[list[str], list[str]]:
+    """State-dict names and checkpoint keys of an LM head weight not tied to the input embedding: the blocks'
+    inputs do not need it (the forward stops at the last block), so it is not loaded for the capture."""
+    embedding, head = _embeddings(model)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight is getattr(embedding, "weight", None):
+        return [], []
+    names = _names_of(model, weight)
+    return names, stored_keys(ckpt, model, names)
+
+
 # -- the rest of the model: unchanged vocabulary matrices -----------------------------------------------------
 @dataclass
 class Passthrough:
@@ -136,7 +150,7 @@ class Passthrough:
         return s is not None and tensor.device == s.device and tensor.untyped_storage().data_ptr() == s.untyped_storage().data_ptr()
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        for chunk in self.source.row_chunks():
+        for chunk in self.source.row_chunks(COPY_CHUNK_BYTES):
             yield chunk.to(self.dtype)
 
 
