@@ -3,9 +3,13 @@
 1. A seeded random Llama checkpoint is written to disk shard by shard (never the whole model in memory):
    hidden 2048, MLP 8192, 32 heads, 8 KV heads, 16 layers, vocab 128256, tied embeddings (~1.2B parameters,
    ~5 GB in fp32). Norm weights get a few outlier channels (x5..x10) so smoothing has work to do.
-2. For each recipe, in a fresh process (its own peak RSS): one plain float forward over the calibration tokens,
-   streamed block by block (the baseline, compute only), then ``quantize_checkpoint`` of the same tokens.
-   Peak RSS is sampled from /proc/self/status (VmRSS, every 10 ms) per phase, plus ru_maxrss for the process.
+2. The float baseline (one plain float forward over the calibration tokens, streamed block by block: compute
+   only) and, for each recipe, ``quantize_checkpoint`` of the same tokens each run in a fresh process, so each
+   peak RSS is its own (no memory left over from the other, e.g. freed but kept by the allocator).
+   Peak RSS is sampled from /proc/self/status (VmRSS, every 10 ms): for the whole quantization, per block (the
+   first block's includes the capture of the blocks' inputs) and for the rest of the model (embeddings, final
+   norm, LM head, publishing), plus ru_maxrss for the process. ``--same-process`` measures the quantization
+   after the float forward in one process instead (as this benchmark did before), both peaks printed.
 3. The cost ratio is (capture + calibration forwards + convert) / the float forward; "+propagate" also counts
    the extra forward of each converted block (quantized propagation). A projection for 8B and 70B scales the
    time per block by the block's parameter count and multiplies by the layer count.
@@ -14,6 +18,7 @@
     python benchmarks/scale.py --layers 4                   # Llama-3.2-1B shapes, 4 layers
     python benchmarks/scale.py                              # the full 16 layers (5 GB on disk)
     python benchmarks/scale.py --layers 4 --depth-check     # also 2x the layers: memory must grow <= 10%
+    python benchmarks/scale.py --layers 2 --same-process    # quantization after the float forward, one process
 """
 
 from __future__ import annotations
@@ -174,29 +179,36 @@ def measure(args: argparse.Namespace) -> None:
     vocab = json.loads((Path(args.ckpt) / "config.json").read_text())["vocab_size"]
     batches = [torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen) for _ in range(args.samples // args.batch)]
     report: dict[str, float | list] = {"rss_start": sampler.reset()}
-    report.update(float_forward(Path(args.ckpt), batches))
-    report["rss_float"] = sampler.reset()
-    config = eval(RECIPES[args.recipe])  # noqa: S307 - our own table above
-    out = Path(args.output) if args.write else None
-    result = quantize_checkpoint(args.ckpt, config, batches, out, progress=args.progress)
-    report["rss_quantize"] = sampler.reset()
+    if args.phase in ("float", "both"):
+        report.update(float_forward(Path(args.ckpt), batches))
+        report["rss_float"] = sampler.reset()
+    if args.phase in ("quantize", "both"):
+        config = eval(RECIPES[args.recipe])  # noqa: S307 - our own table above
+        out = Path(args.output) if args.write else None
+        per_block: list[int] = []
+        result = quantize_checkpoint(args.ckpt, config, batches, out, progress=args.progress,
+                                     on_block=lambda i: per_block.append(sampler.reset()))
+        report["rss_rest"] = sampler.reset()
+        report["rss_blocks"] = per_block
+        report["rss_quantize"] = max([*per_block, report["rss_rest"]])
+        phases = {k: sum(p.get(k, 0.0) for p in result.phases) for k in ("load", "calibrate", "convert", "propagate", "write")}
+        report.update({f"q_{k}_s": v for k, v in phases.items()})
+        report.update(q_capture_s=result.capture_s, q_rest_s=result.rest_s, q_total_s=result.total_s,
+                      block_s=result.block_s, blocks=result.blocks)
     report["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    phases = {k: sum(p.get(k, 0.0) for p in result.phases) for k in ("load", "calibrate", "convert", "propagate", "write")}
-    report.update({f"q_{k}_s": v for k, v in phases.items()})
-    report.update(q_capture_s=result.capture_s, q_rest_s=result.rest_s, q_total_s=result.total_s,
-                  block_s=result.block_s, blocks=result.blocks)
     print("RESULT " + json.dumps(report))
 
 
 # -- 3. driver -------------------------------------------------------------------------------------------------
-def run_child(ckpt: Path, recipe: str, args: argparse.Namespace, output: Path) -> dict:
-    cmd = [sys.executable, __file__, "measure", "--ckpt", str(ckpt), "--recipe", recipe, "--samples", str(args.samples),
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--output", str(output)]
+def run_child(ckpt: Path, recipe: str, phase: str, args: argparse.Namespace, output: Path) -> dict:
+    cmd = [sys.executable, __file__, "measure", "--ckpt", str(ckpt), "--recipe", recipe, "--phase", phase,
+           "--samples", str(args.samples), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+           "--threads", str(args.threads), "--output", str(output)]
     if recipe == "exportable":
         cmd.append("--write")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"measurement of {recipe} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"measurement of {recipe} ({phase}) failed:\n{proc.stderr[-3000:]}")
     shutil.rmtree(output, ignore_errors=True)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -207,8 +219,11 @@ def summarize(name: str, r: dict, shape: tuple[int, ...]) -> None:
     calib = r["q_capture_s"] + r["q_calibrate_s"] + r["q_convert_s"]
     per_block = sorted(r["block_s"])[len(r["block_s"]) // 2]
     print(f"\n[{name}] {r['blocks']} blocks")
-    print(f"  peak RSS: float forward {r['rss_float'] / gb:.2f} GB, streamed quantization {r['rss_quantize'] / gb:.2f} GB "
-          f"(ru_maxrss {r['ru_maxrss'] / gb:.2f} GB)")
+    where = "after the float forward, same process" if r.get("same_process") else "own process"
+    print(f"  peak RSS: streamed quantization {r['rss_quantize'] / gb:.2f} GB ({where}; ru_maxrss {r['ru_maxrss'] / gb:.2f} GB), "
+          f"float forward {r['rss_float'] / gb:.2f} GB ({'same' if r.get('same_process') else 'own'} process)")
+    print("  peak RSS per phase: " + ", ".join(f"block {i}{' (+capture)' if i == 0 else ''} {b / gb:.2f}"
+                                            for i, b in enumerate(r["rss_blocks"])) + f", rest {r['rss_rest'] / gb:.2f} GB")
     print(f"  float forward (compute) {r['float_forward_s']:.2f}s; quantization: capture {r['q_capture_s']:.2f}s, "
           f"calibrate {r['q_calibrate_s']:.2f}s, convert {r['q_convert_s']:.2f}s, propagate {r['q_propagate_s']:.2f}s, "
           f"load {r['q_load_s']:.2f}s, write {r['q_write_s']:.2f}s, rest {r['q_rest_s']:.2f}s, total {r['q_total_s']:.2f}s")
@@ -236,6 +251,7 @@ def main() -> None:
     m.add_argument("--output", required=True)
     m.add_argument("--write", action="store_true")
     m.add_argument("--progress", action="store_true")
+    m.add_argument("--phase", choices=["float", "quantize", "both"], default="both")
     for p in (parser, m):
         p.add_argument("--samples", type=int, default=32)
         p.add_argument("--batch", type=int, default=4)
@@ -247,6 +263,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--recipes", default="exportable,accurate")
     parser.add_argument("--depth-check", action="store_true", help="also twice the layers: peak RSS must grow <= 10%%")
+    parser.add_argument("--same-process", action="store_true",
+                        help="quantize after the float forward in the same process (default: each in its own)")
     args = parser.parse_args()
     if args.cmd == "measure":
         return measure(args)
@@ -261,10 +279,15 @@ def main() -> None:
         t = time.perf_counter()
         build_checkpoint(ckpt, shape, depth, dtype)
         print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f}s")
+        base = None if args.same_process else run_child(ckpt, "exportable", "float", args, work / f"out-float-{depth}")
         for recipe in args.recipes.split(","):
             if depth != layers and recipe != "exportable":
                 continue
-            r = run_child(ckpt, recipe, args, work / f"out-{recipe}-{depth}")
+            if args.same_process:
+                r = {**run_child(ckpt, recipe, "both", args, work / f"out-{recipe}-{depth}"), "same_process": True}
+            else:
+                q = run_child(ckpt, recipe, "quantize", args, work / f"out-{recipe}-{depth}")
+                r = {**q, **{k: v for k, v in base.items() if k.startswith("float_")}, "rss_float": base["rss_float"]}
             results[(recipe, depth)] = r
             summarize(f"{recipe}, {depth} layers, {args.samples}x{args.seq_len} tokens, {args.dtype}", r, shape)
     if args.depth_check:

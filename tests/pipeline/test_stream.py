@@ -268,3 +268,62 @@ def test_block_objective_streamed_with_float_propagation_is_bit_identical_to_in_
     assert result.report.block_errors == quantizer.report.block_errors
     assert result.report.block_choices == quantizer.report.block_choices
     assert len(quantizer.report.block_choices) == build_model(key).config.num_hidden_layers
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocabulary_matrices_are_never_loaded_whole(tied, tmp_path, monkeypatch):
+    """The input embedding gives the blocks' inputs from the calibration tokens' rows only, and the LM head /
+    embeddings are copied to the output in row ranges: no tensor of vocabulary rows is ever read whole, and the
+    output, plan and report are those of the in-memory prepare/convert."""
+    import tico.experimental.quantization.pipeline.checkpoint as checkpoint
+    import tico.experimental.quantization.pipeline.vocab as vocab
+    from tico.experimental.quantization.export.shards import StoredTensor
+    from tico.experimental.quantization.public_interface import get_quantizer
+
+    spec = ARCHITECTURES["llama"]
+    config = spec.config_cls(**{**spec.config_kwargs, "vocab_size": 3000, "tie_word_embeddings": tied})
+    torch.manual_seed(0)
+    model = spec.model_cls._from_config(config, dtype=torch.float32).eval()
+    src = _save(model, tmp_path / "src")
+    vocab_keys = {"model.embed_tokens.weight", "lm_head.weight"}
+    loaded, rows_read, chunk_rows = [], [], []
+    real_read, real_rows, real_chunks = checkpoint.read_tensors, StoredTensor.rows, StoredTensor.row_chunks
+
+    def read(files, names=None, device="cpu"):
+        for name, t in real_read(files, names, device):
+            loaded.append(name)
+            yield name, t
+
+    def rows(self, index):
+        rows_read.append(len(index))
+        return real_rows(self, index)
+
+    def chunks(self, max_bytes):
+        for c in real_chunks(self, max_bytes):
+            chunk_rows.append(c.shape[0])
+            yield c
+
+    monkeypatch.setattr(checkpoint, "read_tensors", read)
+    monkeypatch.setattr(StoredTensor, "rows", rows)
+    monkeypatch.setattr(StoredTensor, "row_chunks", chunks)
+    monkeypatch.setattr(vocab, "COPY_CHUNK_BYTES", 100 * config.hidden_size * 4)  # 100 rows a piece
+    batches = _batches("llama")
+    result = quantize_checkpoint(src, EXPORTABLE, batches, tmp_path / "stream", propagate="float")
+    assert loaded and not vocab_keys & set(loaded)
+    assert rows_read == [len(torch.unique(torch.cat([b.reshape(-1) for b in batches])))] and rows_read[0] < 3000
+    assert max(chunk_rows) == 100 and sum(chunk_rows) == 3000 * (1 if tied else 2)
+
+    _in_memory(src, EXPORTABLE, batches, tmp_path / "mem")
+    _assert_identical(tmp_path / "stream", tmp_path / "mem")
+    in_memory = prepare(AutoModelForCausalLM.from_pretrained(src), EXPORTABLE)
+    with torch.no_grad():
+        for b in batches:
+            in_memory(b)
+    quantizer = get_quantizer(in_memory)
+    convert(in_memory)
+    def groups(plan):  # "block" aside: a streamed unit names no enclosing block (as before this test)
+        return [{k: v for k, v in g.items() if k != "block"} for g in plan.to_dict()["groups"]]
+
+    assert groups(result.plan) == groups(quantizer.plan)
+    assert any(g["producer"] == "model.norm" for g in groups(result.plan))  # the rest's group, traced with stand-ins
+    assert result.report.kept_float == quantizer.report.kept_float

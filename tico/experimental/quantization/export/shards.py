@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import signal
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -54,6 +56,11 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
     return value
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes as a buffer over its own memory (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
@@ -134,15 +141,42 @@ class ShardWriter:
             raise TypeError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
+        self._open_for(nbytes)
+        if nbytes:
+            self._data.write(_bytes_of(t))  # the tensor's own memory, not a copy (tobytes would double it)
+        self._record(name, t.dtype, list(t.shape), nbytes)
+
+    def add_chunks(self, name: str, dtype: torch.dtype, shape: list[int], chunks: Iterable[torch.Tensor]) -> None:
+        """Append one tensor given as consecutive pieces of its flat data (e.g. row ranges of a tensor copied from
+        another file): memory holds one piece, not the tensor."""
+        if any(name in shard for shard in self._shards):
+            raise ValueError(f"tensor {name!r} written twice")
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._open_for(nbytes)
+        written = 0
+        for chunk in chunks:
+            c = chunk.detach().to("cpu").contiguous()
+            if c.dtype != dtype:
+                raise TypeError(f"{name}: a piece of dtype {c.dtype}, expected {dtype}")
+            written += c.numel() * c.element_size()
+            if c.numel():
+                self._data.write(_bytes_of(c))
+        if written != nbytes:
+            raise ValueError(f"{name}: pieces hold {written} bytes, shape {shape} needs {nbytes}")
+        self._record(name, dtype, list(shape), nbytes)
+
+    def _open_for(self, nbytes: int) -> None:
+        """Start a shard if none is open, or if ``nbytes`` more would overflow the current one."""
         if self._data is None or (self._size > 0 and self._size + nbytes > self.max_shard_size):
             self._close_shard()
             self._shards.append({})
             self._data = open(self.staging / f"shard-{len(self._shards)}.data", "wb")
             self._size = 0
-        if nbytes:
-            self._data.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        self._shards[-1][name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [self._size, self._size + nbytes]}
+
+    def _record(self, name: str, dtype: torch.dtype, shape: list[int], nbytes: int) -> None:
+        self._shards[-1][name] = {"dtype": _DTYPES[dtype], "shape": shape, "data_offsets": [self._size, self._size + nbytes]}
         self._size += nbytes
         self.total_size += nbytes
 
@@ -244,3 +278,72 @@ def read_tensors(files: dict[str, Path], names: list[str] | None = None, device:
         with safe_open(str(path), "pt", device=str(device)) as f:
             for name in group:
                 yield name, f.get_tensor(name)
+
+
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file, read with plain file reads (no memory map: the page cache
+    is not counted in the process's resident memory, and only the bytes asked for are read)."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+
+    @classmethod
+    def locate(cls, path: str | Path, name: str) -> "StoredTensor":
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(n))[name]
+        if entry["dtype"] not in _TORCH_DTYPES:
+            raise TypeError(f"{path}: {name} has dtype {entry['dtype']}, which torch cannot read here")
+        return cls(Path(path), name, _TORCH_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + entry["data_offsets"][0])
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+
+    def _read_into(self, fd: int, first: int, out: torch.Tensor) -> None:
+        """Rows ``first ..`` into ``out`` (contiguous, this tensor's dtype, as many rows as it has)."""
+        view = _bytes_of(out) if out.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], self.offset + first * self.row_bytes + done)
+            if got <= 0:
+                raise EOFError(f"{self.path}: {self.name} is truncated")
+            done += got
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (sorted, unique) of the tensor, reading runs of consecutive rows at once."""
+        index = index.tolist()
+        if any(b <= a for a, b in zip(index, index[1:])) or (index and not 0 <= index[0] <= index[-1] < self.shape[0]):
+            raise ValueError(f"{self.name}: row indices must be sorted, unique and below {self.shape[0]}")
+        out = torch.empty((len(index), *self.shape[1:]), dtype=self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            start = 0
+            while start < len(index):  # a run of consecutive rows: one read
+                end = start + 1
+                while end < len(index) and index[end] == index[end - 1] + 1:
+                    end += 1
+                self._read_into(fd, index[start], out[start:end])
+                start = end
+        finally:
+            os.close(fd)
+        return out
+
+    def row_chunks(self, max_bytes: int = 64 * 1024**2) -> Iterator[torch.Tensor]:
+        """The whole tensor, as consecutive row ranges of at most ``max_bytes`` (at least one row)."""
+        step = max(1, max_bytes // max(1, self.row_bytes))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for first in range(0, self.shape[0], step):
+                out = torch.empty((min(step, self.shape[0] - first), *self.shape[1:]), dtype=self.dtype)
+                self._read_into(fd, first, out)
+                yield out
+        finally:
+            os.close(fd)

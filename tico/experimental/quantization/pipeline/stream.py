@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -50,6 +51,13 @@ from tico.experimental.quantization.pipeline.units import (
     quantizable_linears,
     rotates,
     scoped_config,
+)
+from tico.experimental.quantization.pipeline.vocab import (
+    Passthrough,
+    gathered_embedding,
+    passthrough_matrices,
+    stored_keys,
+    untied_head,
 )
 from tico.experimental.quantization.public_interface import convert, get_quantizer, prepare
 
@@ -156,7 +164,8 @@ class _Output:
         self.schemes: dict[str, tuple[str, str, bool]] = {}
         self.ignore: list[str] = []
 
-    def add(self, unit: nn.Module) -> None:
+    def add(self, unit: nn.Module, passthrough: list[Passthrough] = ()) -> None:
+        """Write ``unit``'s tensors; a :class:`Passthrough` stand-in is written as its checkpoint tensor."""
         if self.writer is None:  # measuring only: nothing to check or write
             return
         if self.compressed:
@@ -174,7 +183,19 @@ class _Output:
                     seen.add(id(v))
                     tensors[k] = v.detach()
             tensors = revert_weight_conversion(self.model, tensors)
-        self.writer.add_all(tensors)
+        written = set()
+        for name, tensor in tensors.items():
+            p = next((p for p in passthrough if p.is_standin(tensor)), None)
+            if p is None:
+                self.writer.add(name, tensor)
+                continue
+            if tensor.shape != p.standin.shape:
+                raise RuntimeError(f"{name}: the stand-in for {p.names[0]} was changed ({tuple(tensor.shape)}); not written")
+            self.writer.add_chunks(name, p.dtype, list(p.source.shape), p.chunks())
+            written.add(id(p))
+        unwritten = [p.names[0] for p in passthrough if id(p) not in written]
+        if unwritten:
+            raise RuntimeError(f"{unwritten}: left as is, but not among the tensors to write")
 
     def finish(self, source: Path, config: Any) -> None:
         if self.writer is None:
@@ -246,11 +267,15 @@ def quantize_checkpoint(
     rest_expected = [n for n in state_names if not n.startswith(blocks_path + ".")]
     result = StreamResult(Path(output_dir) if output_dir is not None else None, n_blocks)
 
-    # 1. the blocks' inputs, from the parts before them
-    ckpt.load(rest_keys, rest_expected)
-    t0 = time.perf_counter()
-    captured = capture_block_inputs(model, block_list, batches)
-    result.capture_s = time.perf_counter() - t0
+    # 1. the blocks' inputs, from the parts before them (the input embedding: only the calibration tokens' rows;
+    # the LM head: not at all)
+    head, head_keys = untied_head(ckpt, model)
+    with gathered_embedding(ckpt, model, batches) as (gathered, gathered_keys):
+        skipped, skipped_keys = {*gathered, *head}, {*gathered_keys, *head_keys}
+        ckpt.load([k for k in rest_keys if k not in skipped_keys], [n for n in rest_expected if n not in skipped])
+        t0 = time.perf_counter()
+        captured = capture_block_inputs(model, block_list, batches)
+        result.capture_s = time.perf_counter() - t0
     _release_rest(model, blocks_path)
     memo: dict[int, Any] = {}
     hidden = [to_device(h, device, memo) for h in captured.hidden]
@@ -279,6 +304,7 @@ def quantize_checkpoint(
                 calls[i] = []
                 result.reports[f"{blocks_path}.{i}"] = summary
                 result.quantizers[f"{blocks_path}.{i}"] = UnitOutcome.of(quantizer)
+                del quantizer  # its observers' samples and the float layers it replaced: not into the next block
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 result.block_s.append(time.perf_counter() - t0)
@@ -295,10 +321,17 @@ def quantize_checkpoint(
 
         # 3. the rest of the model, calibrated on the last block's outputs
         t0 = time.perf_counter()
-        ckpt.load(rest_keys, rest_expected)
+        passthrough = passthrough_matrices(ckpt, model, config, blocks_path)  # LM head, embeddings: copied as is
+        skipped = [n for p in passthrough for n in p.names]
+        skipped_keys = stored_keys(ckpt, model, skipped)
+        ckpt.load([k for k in rest_keys if k not in skipped_keys], [n for n in rest_expected if n not in skipped])
+        for p in passthrough:
+            p.install(model, device)
         model.to(device)
+        for p in passthrough:
+            p.standin = model.get_parameter(p.names[0])
         result.reports["rest"], rest_quantizer = _process_rest(
-            model, config, blocks_path, block_list, batches, hidden, device, out
+            model, config, blocks_path, block_list, batches, hidden, device, out, passthrough
         )
         result.quantizers["rest"] = UnitOutcome.of(rest_quantizer)
         result.rest_s = time.perf_counter() - t0
@@ -407,16 +440,21 @@ def _quiet_if_nothing_to_do() -> Iterator[None]:
 @torch.no_grad()
 def _process_rest(
     model: nn.Module, config: BaseConfig, blocks_path: str, block_list: nn.ModuleList, batches: list[Batch],
-    hidden: list[torch.Tensor], device: torch.device, out: _Output,
+    hidden: list[torch.Tensor], device: torch.device, out: _Output, passthrough: list[Passthrough],
 ) -> tuple[str, Any]:
     """Embeddings, final norm, LM head and anything else outside the blocks: prepare/calibrate/convert/write.
+    With ``passthrough`` stand-ins (one row) in place of the vocabulary matrices, the probe forward reads token 0.
     Returns a one-line summary and the quantizer."""
     last: BlockStub = block_list[len(block_list) - 1]  # type: ignore[assignment]
     scoped = scoped_config(config, None, blocks_path, model)
+    probe = {"input_ids": torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=device)} if passthrough else None
     with _quiet_if_nothing_to_do():
-        prepare(model, scoped)
+        prepare(model, scoped, kwargs=probe)
     quantizer = get_quantizer(model)
     idle = getattr(quantizer, "observers", None) == {} and not getattr(quantizer, "attention_modules", None)
+    if passthrough and not idle:
+        raise RuntimeError(f"{[p.names[0] for p in passthrough]} were expected to be left as is, but the rest of "
+                           f"{type(model).__name__} observes activations")
     for batch, h in zip([] if idle else batches, hidden):  # nothing observes: no forward (LM head logits) needed
         last.feed = h
         inputs = model_inputs(model, batch)
@@ -424,5 +462,5 @@ def _process_rest(
     last.feed = None
     with _quiet_if_nothing_to_do():
         convert(model)
-    out.add(model)
+    out.add(model, passthrough)
     return _summary_or_empty(model), quantizer
