@@ -157,3 +157,39 @@ def test_choice_is_static_for_ordinary_rows_and_dynamic_when_a_token_is_massive(
 def test_bad_budget_rejected():
     with pytest.raises(ValueError, match="dynamic_fallback"):
         W8A8Config(dynamic_fallback=0.5)
+
+
+def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
+    """q/k/v (and gate/up) read one tensor and are served as one fused GEMM with one input quantization: when
+    the per-layer choice makes only q_proj dynamic, its siblings follow, as the exported checkpoint is served."""
+    import tico.experimental.quantization.algorithm.w8a8.massive as massive
+
+    real = massive.choose_activation_mode
+    calls = []
+
+    def only_q_dynamic(*args, **kwargs):
+        choice = real(*args, **kwargs)
+        calls.append(choice)
+        choice.mode = "dynamic" if len(calls) == 1 else "static"  # the first planned layer: layer 0's q_proj
+        return choice
+
+    monkeypatch.setattr(massive, "choose_activation_mode", only_q_dynamic)
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
+                                            dynamic_fallback=BUDGET), gain=0.0)
+    attn = "model.layers.0.self_attn"
+    assert _dynamic_layers(mixed) == {f"{attn}.{p}_proj" for p in "qkv"}
+    for p in "kv":
+        assert quantizer.report.act_modes[f"{attn}.{p}_proj"] == f"dynamic: shares its input with {attn}.q_proj, which needs dynamic"
+        assert f"{attn}.{p}_proj" not in quantizer.report.act_ranges
+
+
+def test_weight_dependent_ranges_of_one_tensor_are_made_one():
+    """``output_mse`` picks a range per layer from its weights; layers reading one tensor get the largest."""
+    model, quantizer = _quantize(W8A8Config(activations="static", act_range="output_mse", backend="fake"), gain=0.0)
+    ranges = quantizer.report.act_ranges
+    for layer in range(2):
+        qkv = {ranges[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}
+        gate_up = {ranges[f"model.layers.{layer}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1, (qkv, gate_up)
+        scales = {float(model.get_submodule(f"model.layers.{layer}.self_attn.{p}_proj").act_scale) for p in "qkv"}
+        assert len(scales) == 1

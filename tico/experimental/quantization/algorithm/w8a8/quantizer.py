@@ -300,8 +300,7 @@ class W8A8Quantizer(BaseQuantizer):
             smoothing = self.sq.plan_scales(model, alphas=alphas)
             self.fail(model, self.sq.validate(model, smoothing))
             report.alphas.update(smoothing.alphas)
-        layers = {name: self._plan_layer(model, name, smoothing, quant, report)
-                  for name in track(self.targets, "planning int8 layers (ranges)")}
+        layers = self._plan_layers(model, self.targets, smoothing, quant, report, "planning int8 layers (ranges)")
         if smoothing is not None and self.recorder is not None and self.switchable:
             self._choose_per_block(model, smoothing, layers, quant, report, attention_scales)
         report.quantized = list(layers)
@@ -309,10 +308,59 @@ class W8A8Quantizer(BaseQuantizer):
         self._sketches = SketchCache()  # frees the sketches
         return ConversionPlan(smoothing, layers, embedding, attention_scales, report)
 
+    def _plan_layers(
+        self, model: nn.Module, names: list[str], smoothing: ScalePlan | None, quant: DeployedQuant,
+        report: W8A8Report, label: str,
+    ) -> dict[str, nn.Module]:
+        """Plan ``names``, then give the layers that read one tensor one activation quantization.
+
+        ``q/k/v_proj`` (after one norm) and ``gate/up_proj`` read the same input, and serving engines run each set
+        as one fused GEMM with one input quantization (vLLM's ``qkv_proj``/``gate_up_proj``: the largest static
+        scale of the set, and one static/dynamic mode). Choices made per layer (``dynamic_fallback``'s mode,
+        ``output_mse``'s weight-dependent range) can differ inside a set; they are made common here, so the model
+        we measure is the one that is served: dynamic when any member needs dynamic (per-token scales are never
+        coarser), else the largest static range (nothing clipped that a member kept).
+        """
+        layers = {name: self._plan_layer(model, name, smoothing, quant, report) for name in track(names, label)}
+        for group in self._shared_input_groups(names, smoothing):
+            dynamic = [n for n in group if getattr(layers[n], "act_scale", 1.0) is None]
+            if dynamic and len(dynamic) < len(group):
+                for n in group:
+                    if n not in dynamic:
+                        layers[n] = self._plan_layer(model, n, smoothing, quant, report, dynamic=True)
+                        report.act_modes[n] = f"dynamic: shares its input with {dynamic[0]}, which needs dynamic"
+                        report.act_ranges.pop(n, None)
+            elif not dynamic:
+                ranges = {n: report.act_ranges[n] for n in group if n in report.act_ranges}
+                top = max(ranges.values(), default=None)
+                for n, r in ranges.items():
+                    if r != top:
+                        layers[n] = self._plan_layer(model, n, smoothing, quant, report, act_range=top)
+        return layers
+
+    def _shared_input_groups(self, names: list[str], smoothing: ScalePlan | None) -> list[list[str]]:
+        """Sets of two or more layers that quantize the same tensor: their observers saw the same input objects
+        (so they share one row sample, see ``observer``) and they divide it by the same smoothing scales."""
+        cfg = self.config
+        if cfg.activations != "static" or cfg.smooth_in_quantizer or cfg.rotate:
+            return []  # dynamic: per-token, identical anyway; per-layer divisors/rotations: different inputs
+        sets: dict[tuple[int, str | None], list[str]] = {}
+        for name in names:
+            sample = self.observers[name].rows_sample
+            if sample is None:
+                continue  # abs-max ranges of one tensor are equal anyway
+            folded = self.folded_by.get(name)
+            producer = folded[0].producer if folded is not None and smoothing is not None else None
+            sets.setdefault((id(sample), producer), []).append(name)
+        return [group for group in sets.values() if len(group) > 1]
+
     def _plan_layer(
-        self, model: nn.Module, name: str, smoothing: ScalePlan | None, quant: DeployedQuant, report: W8A8Report
+        self, model: nn.Module, name: str, smoothing: ScalePlan | None, quant: DeployedQuant, report: W8A8Report,
+        dynamic: bool | None = None, act_range: float | None = None,
     ) -> nn.Module:
-        """The finished replacement of layer ``name``: divisor, in-quantizer smoothing, rotation, static range."""
+        """The finished replacement of layer ``name``: divisor, in-quantizer smoothing, rotation, static range.
+
+        ``dynamic``/``act_range`` impose the mode or the static range (a set of layers reading one tensor)."""
         cfg = self.config
         obs = self.observers[name]
         module = model.get_submodule(name)
@@ -332,7 +380,10 @@ class W8A8Quantizer(BaseQuantizer):
         if self._rotated(name, cfg.rotate):
             return self._rotated_layer(name, linear, sample, smooth, quant, report)
         act_scale = None
-        if cfg.activations == "static":
+        if act_range is not None:
+            report.act_ranges[name] = act_range
+            act_scale = range_to_scale(act_range)
+        elif cfg.activations == "static" and not dynamic:
             weight = weight_q = None
             if cfg.act_range == "output_mse":
                 weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
@@ -344,10 +395,11 @@ class W8A8Quantizer(BaseQuantizer):
             r = static_range(cfg.act_range, sample, float(act_absmax.max()), cfg.percentile, weight, weight_q, sketch)
             report.act_ranges[name] = r
             act_scale = range_to_scale(r)
-        dynamic = cfg.activations == "dynamic"
-        if self._mixed_modes:  # static or dynamic for this layer, by measured error
-            dynamic = self._choose_mode(name, linear, obs, divisor, smooth, sample, r, quant, report) == "dynamic"
-            act_scale = None if dynamic else act_scale
+        if dynamic is None and act_range is None:
+            dynamic = cfg.activations == "dynamic"
+            if self._mixed_modes:  # static or dynamic for this layer, by measured error
+                dynamic = self._choose_mode(name, linear, obs, divisor, smooth, sample, r, quant, report) == "dynamic"
+        act_scale = None if dynamic else act_scale
         return W8A8Linear.from_linear(
             linear,
             weight_granularity=cfg.weights,
@@ -371,8 +423,8 @@ class W8A8Quantizer(BaseQuantizer):
         touched = [n for n in layers if n in switched or (n in self.folded_by and self.folded_by[n][0].producer in switched)]
         report_off = W8A8Report()
         layers_off = dict(layers)
-        for name in track(touched, "planning unsmoothed candidates (block objective)"):
-            layers_off[name] = self._plan_layer(model, name, off, quant, report_off)
+        layers_off.update(self._plan_layers(model, touched, off, quant, report_off,
+                                            "planning unsmoothed candidates (block objective)"))
         folded = {}  # the producers' own parameters the searched fold changes (norm weights, biases)
         for p in switched:
             if p in layers:
