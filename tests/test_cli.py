@@ -468,3 +468,17 @@ def test_block_objective_is_recorded_in_the_recipe_streamed_and_in_memory(tiny_m
                                                for v in recipe["block_choices"].values())
         recipes.append(recipe["block_choices"])
     assert set(recipes[0]) == set(recipes[1])  # one choice per block either way
+
+
+def test_static_defaults_are_recorded_and_can_be_turned_off(tiny_model_dir, text_file, tmp_path):
+    import json
+
+    runs = {"default": (), "off": ("--dynamic-fallback", "off", "--no-block-objective")}
+    recipes = {}
+    for name, extra in runs.items():
+        assert _quantize(tiny_model_dir, text_file, tmp_path / name, "--samples", "2", "--seq-len", "32", *extra) == 0
+        recipes[name] = json.loads((tmp_path / name / "tico_recipe.json").read_text())
+    assert recipes["default"]["options"]["dynamic_fallback"] == 16.0 and recipes["default"]["options"]["block_objective"]
+    assert recipes["default"]["act_modes"]  # the fallback measured every layer
+    assert recipes["off"]["config"]["dynamic_fallback"] is None and not recipes["off"]["config"]["block_objective"]
+    assert not recipes["off"]["act_modes"]

@@ -59,3 +59,17 @@ def test_max_positions_reads_the_usual_config_keys():
     assert max_positions({"max_position_embeddings": 512}) == 512
     assert max_positions({"n_positions": 1024}) == 1024
     assert max_positions({}) is None
+
+
+def test_static_scheme_defaults_to_measured_fallback_and_block_choice_and_each_can_be_turned_off():
+    from tico.experimental.quantization.schemes import build_config
+
+    static = build_config("w8a8-static")
+    assert static.dynamic_fallback == 16.0 and static.block_objective
+    plain = build_config("w8a8-static", dynamic_fallback="off", block_objective=False)
+    assert plain.dynamic_fallback is None and not plain.block_objective
+    dynamic = build_config("w8a8-dynamic")
+    assert dynamic.dynamic_fallback is None and not dynamic.block_objective
+    assert build_config("w8a8-dynamic", dynamic_fallback="off").dynamic_fallback is None
+    with pytest.raises(ValueError, match="dynamic_fallback applies to w8a8-static"):
+        build_config("w8a8-dynamic", dynamic_fallback=16.0)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Sequence, Union
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 
-__all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "build_config", "config_to_dict", "demo_recipes"]
+__all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "DEFAULT_DYNAMIC_FALLBACK", "DEFAULT_BLOCK_OBJECTIVE", "build_config", "config_to_dict", "demo_recipes"]
 
 Scheme = Literal["smooth", "w8a8-dynamic", "w8a8-static"]
 SCHEMES: dict[str, str] = {
@@ -28,6 +28,13 @@ SCHEMES: dict[str, str] = {
 }
 DEFAULT_ALPHA: dict[str, float | str] = {"smooth": 0.5, "w8a8-dynamic": "auto", "w8a8-static": "auto"}
 DEFAULT_ACT_RANGE = "mse"
+# Static W8A8 on real LLMs meets massive activations (a few tokens no per-tensor scale can hold): by default a
+# layer whose static error exceeds 16x its dynamic per-token error runs dynamic, and each block keeps the
+# searched smoothing or none by its measured output error. Both are measured choices that can only help on the
+# calibration data, both export, and both cost a fraction of a forward pass.
+DEFAULT_DYNAMIC_FALLBACK: dict[str, float] = {"w8a8-static": 16.0}
+DEFAULT_BLOCK_OBJECTIVE: dict[str, bool] = {"w8a8-static": True}
+OFF = "off"
 
 AnyConfig = Union[SmoothQuantConfig, W8A8Config]
 
@@ -38,8 +45,8 @@ def build_config(
     act_range: str = DEFAULT_ACT_RANGE,
     ignore: Sequence[str] = (),
     linear_producers: bool | None = None,
-    dynamic_fallback: float | None = None,
-    block_objective: bool = False,
+    dynamic_fallback: float | str | None = None,
+    block_objective: bool | None = None,
 ) -> AnyConfig:
     """The config for ``scheme`` (see :data:`SCHEMES`); ``None`` arguments take the scheme's default.
 
@@ -49,7 +56,9 @@ def build_config(
     which keeps the paper's norm -> Linear groups unless asked. ``dynamic_fallback`` (``w8a8-static`` only) lets
     layers whose static error exceeds that many times their dynamic error run dynamic per token.
     ``block_objective`` (W8A8 schemes) keeps, per decoder block, the searched smoothing or none, whichever
-    quantized block reproduces the float block's output best (``W8A8Config.block_objective``).
+    quantized block reproduces the float block's output best (``W8A8Config.block_objective``). Both are on for
+    ``w8a8-static`` by default (:data:`DEFAULT_DYNAMIC_FALLBACK`, :data:`DEFAULT_BLOCK_OBJECTIVE`);
+    ``dynamic_fallback="off"`` and ``block_objective=False`` turn them off.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {list(SCHEMES)}, got {scheme!r}")
@@ -59,14 +68,20 @@ def build_config(
     if linear_producers is None:
         linear_producers = scheme != "smooth"
     smoothing = SmoothQuantConfig(alpha=alpha, linear_producers=linear_producers)  # type: ignore[arg-type]
-    if dynamic_fallback is not None and scheme != "w8a8-static":
+    if dynamic_fallback not in (None, OFF) and scheme != "w8a8-static":
         raise ValueError("dynamic_fallback applies to w8a8-static (it turns single layers dynamic per token)")
+    if dynamic_fallback is None:
+        dynamic_fallback = DEFAULT_DYNAMIC_FALLBACK.get(scheme)
+    elif dynamic_fallback == OFF:
+        dynamic_fallback = None
     if block_objective and scheme == "smooth":
         raise ValueError("block_objective applies to the W8A8 schemes (it measures the quantized blocks)")
     if scheme == "smooth":
         if ignore:
             raise ValueError("ignore applies to the W8A8 schemes (smoothing has no layers to keep in float)")
         return smoothing
+    if block_objective is None:
+        block_objective = DEFAULT_BLOCK_OBJECTIVE.get(scheme, False)
     activations = scheme.split("-")[1]
     return W8A8Config(smoothing=smoothing, activations=activations, act_range=act_range, ignore=tuple(ignore),  # type: ignore[arg-type]
                       dynamic_fallback=dynamic_fallback, block_objective=block_objective)

@@ -104,7 +104,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
                "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
                "device": args.device, "rotate": args.rotate,
-               "dynamic_fallback": args.dynamic_fallback, "block_objective": args.block_objective}
+               "dynamic_fallback": getattr(config, "dynamic_fallback", None),
+               "block_objective": getattr(config, "block_objective", False)}
     try:
         result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
                                     args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate,
@@ -143,7 +144,7 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
     try:
         return build_config(args.scheme, args.alpha, getattr(args, "act_range", "mse"), ignore,
                             getattr(args, "linear_producers", None), getattr(args, "dynamic_fallback", None),
-                            getattr(args, "block_objective", False))
+                            getattr(args, "block_objective", None))
     except ValueError as exc:
         raise CliError(str(exc), EXIT_ARGS) from None
 

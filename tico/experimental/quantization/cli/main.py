@@ -140,6 +140,10 @@ _non_negative = _number(int, 0, "a whole number >= 0")
 _budget = _number(float, 1, "a finite number >= 1")
 
 
+def _budget_or_off(value: str) -> float | str:
+    return value if value == "off" else _budget(value)
+
+
 def _alpha(value: str) -> float | str:
     if value == "auto":
         return value
@@ -207,14 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "float weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a "
                         "run-time Hadamard on down_proj inputs (w8a8 schemes; exported as a compressed-tensors "
                         "transform_config) (default: %(default)s)")
-    q.add_argument("--dynamic-fallback", type=_budget, default=None, metavar="B",
+    q.add_argument("--dynamic-fallback", type=_budget_or_off, default=None, metavar="B|off",
                    help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
-                        "(massive activations, e.g. the attention-sink token) runs dynamic per token instead; each "
-                        "choice is printed and recorded (16 is a reasonable budget) (default: off)")
-    q.add_argument("--block-objective", action="store_true", default=False,
+                        "(massive activations, e.g. the attention-sink token) runs dynamic per token instead, together "
+                        "with the layers reading the same input; each choice is printed and recorded "
+                        "(default: 16 for w8a8-static; off: every layer static)")
+    q.add_argument("--block-objective", action=argparse.BooleanOptionalAction, default=None,
                    help="w8a8 schemes: per decoder block, keep the searched smoothing or none, whichever quantized block "
                         "reproduces the float block's output best on the first calibration tokens (helps models with "
-                        "massive activations); each choice is printed and recorded (default: off)")
+                        "massive activations; costs about half a forward pass); each choice is printed and recorded "
+                        "(default: on for w8a8-static, off for w8a8-dynamic)")
     q.add_argument("--in-memory", dest="streaming", action="store_false", default=True,
                    help="load the whole model instead of streaming it block by block from its safetensors shards "
                         "(the default streams: memory holds one block, and each block calibrates on the quantized "
