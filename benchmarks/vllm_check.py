@@ -291,6 +291,7 @@ def export_model_checkpoints(folder: Path, out: Path, calib, rotations: tuple[st
 
     from tico.experimental.quantization import convert, get_quantizer, prepare
     from tico.experimental.quantization.export.compressed_tensors import save_compressed
+    from tico.experimental.quantization.export.fusion import unify_fused_activations
 
     dirs, modes = {}, {}
     for rotate in rotations:
@@ -302,9 +303,16 @@ def export_model_checkpoints(folder: Path, out: Path, calib, rotations: tuple[st
                     model(batch)
             model = convert(model)
             name = checkpoint_name(rotate, scheme)
+            changed = unify_fused_activations(model)  # vLLM fuses q/k/v and gate/up: one scheme each
+            if changed:
+                print(f"{name}: {len(changed)} layers changed so that vLLM-fused groups share one scheme: "
+                      + ", ".join(f"{n} ({why})" for n, why in list(changed.items())[:4])
+                      + (" ..." if len(changed) > 4 else ""), flush=True)
             save_compressed(model, out / name)
             copy_tokenizer(folder, out / name)
-            dirs[name], modes[name] = out / name, dict(quantizer.report.act_modes)
+            modes[name] = {n: ("dynamic (fused sibling)" if n in changed and "dynamic" in changed[n] else v)
+                           for n, v in quantizer.report.act_modes.items()}
+            dirs[name] = out / name
             del model
     return dirs, modes
 
