@@ -176,8 +176,12 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
     monkeypatch.setattr(massive, "choose_activation_mode", only_q_dynamic)
     mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
                                             dynamic_fallback=BUDGET), gain=0.0)
+    from tico.experimental.quantization.export.compressed_tensors import w8a8_layers
+    from tico.experimental.quantization.export.fusion import mixed_fused_groups
+
     attn = "model.layers.0.self_attn"
     assert _dynamic_layers(mixed) == {f"{attn}.{p}_proj" for p in "qkv"}
+    assert mixed_fused_groups(w8a8_layers(mixed)) == []  # served by vLLM as measured
     for p in "kv":
         assert quantizer.report.act_modes[f"{attn}.{p}_proj"] == f"dynamic: shares its input with {attn}.q_proj, which needs dynamic"
         assert f"{attn}.{p}_proj" not in quantizer.report.act_ranges

@@ -7,7 +7,10 @@ k dynamic, k's missing ``input_scale`` slot is used as a static scale), and for 
 of their ``input_scale`` values. A checkpoint whose fused members differ (``W8A8Config.dynamic_fallback``
 decides per layer) is therefore not served as ``load_compressed`` runs it.
 
-:func:`mixed_fused_groups` finds such groups; :func:`unify_fused_activations` makes each one servable as measured:
+The W8A8 quantizer already gives layers that read one tensor one activation quantization when it plans them
+(``W8A8Quantizer._plan_layers``), so its models have no mixed group; this module checks what is exported and
+repairs models quantized otherwise. :func:`mixed_fused_groups` finds such groups; :func:`unify_fused_activations`
+makes each one servable as measured:
 a group with any dynamic member becomes all dynamic (per-token scales are never coarser than a per-tensor one),
 and an all-static group takes the largest scale (what vLLM uses). Run it after ``convert`` and before evaluating
 and ``save_compressed``; ``save_compressed`` warns when a group is mixed.
