@@ -273,21 +273,13 @@ def load_nudged(checkpoint: Path, model=None):
 # perplexity mode (a real model folder): the library's exportable recipes, WikiText-2
 
 
-FALLBACK_BUDGET = 16.0  # as benchmarks/massive_activations.py
-
-
 def model_recipes() -> dict[str, Any]:
-    """The exportable recipes of ``benchmarks/massive_activations.py``: ``static`` (auto alpha, linear producers,
-    MSE ranges, ``dynamic_fallback=16``: static layers that measure badly turn dynamic per-token) and
-    ``dynamic`` (auto alpha, linear producers, per-token activations)."""
-    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-    from tico.experimental.quantization.config.w8a8 import W8A8Config
+    """What ``tico-sq quantize --scheme w8a8-static`` / ``w8a8-dynamic`` apply with no further option (the
+    schemes' defaults: auto alpha, linear producers, MSE ranges; for static also ``dynamic_fallback=16`` and
+    ``block_objective``), so the served figures are those of the default recipes."""
+    from tico.experimental.quantization.schemes import build_config
 
-    sq = SmoothQuantConfig(alpha="auto", linear_producers=True)
-    return {
-        "static": W8A8Config(smoothing=sq, activations="static", act_range="mse", dynamic_fallback=FALLBACK_BUDGET),
-        "dynamic": W8A8Config(smoothing=sq, activations="dynamic"),
-    }
+    return {"static": build_config("w8a8-static"), "dynamic": build_config("w8a8-dynamic")}
 
 
 def load_float(folder: Path):
