@@ -14,12 +14,15 @@ computed once; each recipe then costs one calibration pass and one evaluation pa
     python benchmarks/massive_activations.py                       # every recipe, int8 backend
     python benchmarks/massive_activations.py --recipes naive,fallback --calib 16 --eval 8
     python benchmarks/massive_activations.py --model path/to/hf_folder   # any causal LM folder instead
+    python benchmarks/massive_activations.py --recipes dynamic-sq --rotate online-only   # dynamic within +1%
 
 Prints one line per recipe (ppl change and KL against the targets: static within +5%, dynamic within +1%), the
 per-layer diagnostic of the inputs (max/median token abs-max and the positions of the massive tokens) and every
 per-layer activation choice of the fallback recipe;
 the ``+objective`` recipes (``block_objective=True``) also print every block's choice, both candidates' block-output
-errors and the seconds the objective took.
+errors and the seconds the objective took. ``--rotate`` rotates the model before every recipe
+(``workflow.apply_rotations``; ``online-only``: the run-time Hadamard on ``down_proj`` inputs alone, the most
+accurate dynamic recipe measured); the float reference is never rotated.
 """
 
 from __future__ import annotations
