@@ -14,12 +14,15 @@ computed once; each recipe then costs one calibration pass and one evaluation pa
     python benchmarks/massive_activations.py                       # every recipe, int8 backend
     python benchmarks/massive_activations.py --recipes naive,fallback --calib 16 --eval 8
     python benchmarks/massive_activations.py --model path/to/hf_folder   # any causal LM folder instead
+    python benchmarks/massive_activations.py --recipes dynamic-sq --rotate online-only   # dynamic within +1%
 
 Prints one line per recipe (ppl change and KL against the targets: static within +5%, dynamic within +1%), the
 per-layer diagnostic of the inputs (max/median token abs-max and the positions of the massive tokens) and every
 per-layer activation choice of the fallback recipe;
 the ``+objective`` recipes (``block_objective=True``) also print every block's choice, both candidates' block-output
-errors and the seconds the objective took.
+errors and the seconds the objective took. ``--rotate`` rotates the model before every recipe
+(``workflow.apply_rotations``; ``online-only``: the run-time Hadamard on ``down_proj`` inputs alone, the most
+accurate dynamic recipe measured); the float reference is never rotated.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
+from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
 from tico.experimental.quantization.algorithm.w8a8.massive import MASSIVE_RATIO
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.data import calibration_windows, read_text, token_windows
+from tico.experimental.quantization.workflow import apply_rotations
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,7 +88,10 @@ def recipes() -> dict[str, W8A8Config]:
         "fallback+objective": W8A8Config(dynamic_fallback=FALLBACK_BUDGET, block_objective=True, **exportable),
         "dynamic": W8A8Config(activations="dynamic"),
         "dynamic-sq": W8A8Config(smoothing=sq_auto, activations="dynamic"),
+        "dynamic-sq-relative": W8A8Config(smoothing=sq_auto, activations="dynamic", alpha_objective="token_relative"),
         "dynamic-sq+objective": W8A8Config(smoothing=sq_auto, activations="dynamic", block_objective=True),
+        "dynamic-sq+objective-alphas": W8A8Config(smoothing=sq_auto, activations="dynamic", block_objective=True,
+                                                  block_objective_alphas=(0.25, 0.5, 0.75)),
     }
 
 
@@ -96,7 +104,9 @@ DESCRIPTIONS = {
     "fallback+objective": "mixed    fallback + block_objective (per-block choice)",
     "dynamic": "dynamic  naive W8A8 per-token",
     "dynamic-sq": "dynamic  auto a, linear producers",
+    "dynamic-sq-relative": "dynamic  auto a (token-relative search), linear producers",
     "dynamic-sq+objective": "dynamic  auto a + block_objective",
+    "dynamic-sq+objective-alphas": "dynamic  auto a + block_objective, alphas 0.25/0.5/0.75",
 }
 
 
@@ -144,6 +154,10 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(recipes()), help="comma-separated, from: " + ",".join(recipes()))
     parser.add_argument("--backend", choices=["int8", "fake"], default="int8")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rotate", choices=["none", "fused", "online", "online-only"], default="none",
+                        help="rotations applied before quantizing every recipe: workflow.apply_rotations (fused; "
+                             "online = fused + run-time Hadamard on down_proj inputs) or online-only (the run-time "
+                             "Hadamard without the fused ones) (default none)")
     parser.add_argument("--json", type=Path, default=None, help="also append one JSON line per recipe here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,7 +182,12 @@ def main() -> None:
     for key in args.recipes.split(","):
         config = dataclasses.replace(table[key], backend=args.backend)
         t0 = time.perf_counter()
-        model = prepare(load(), config)
+        rotated = load()
+        if args.rotate == "online-only":
+            add_online_rotations(rotated)
+        else:
+            apply_rotations(rotated, args.rotate)
+        model = prepare(rotated, config)
         quantizer = get_quantizer(model)
         with torch.no_grad():
             for b in calib.split(batch):
@@ -199,8 +218,9 @@ def main() -> None:
             print("\n".join(diagnostic(quantizer)))
         if args.json:
             with args.json.open("a") as f:
-                f.write(json.dumps(dict(recipe=key, ppl=ppl, float_ppl=float_ppl, change_pct=change, kl=kl, top1=top1,
-                                        cost=cost, objective_cost=quantizer.report.block_objective_s / forward_s, act_modes=modes, block_choices=quantizer.report.block_choices)) + "\n")
+                f.write(json.dumps(dict(recipe=key, rotate=args.rotate, ppl=ppl, float_ppl=float_ppl, change_pct=change, kl=kl, top1=top1,
+                                        cost=cost, objective_cost=quantizer.report.block_objective_s / forward_s, act_modes=modes, block_choices=quantizer.report.block_choices,
+                                        alphas=quantizer.report.alphas)) + "\n")
         del model
 
 

@@ -38,7 +38,8 @@ from tico.experimental.quantization.evaluation.perplexity import perplexity  # n
 
 
 def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
-    """(name, rotations before quantizing: "" / "fused" / "fused+online", config) for one activation mode."""
+    """(name, rotations before quantizing: "" / "fused" / "fused+online" / "online", config) for one activation
+    mode."""
     common = dict(activations=activations, backend=backend, act_range="mse")
     smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
     return [
@@ -47,6 +48,7 @@ def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
         ("SmoothQuant auto, linear producers", "", W8A8Config(smoothing=smooth, **common)),
         ("fused rotations + SmoothQuant", "fused", W8A8Config(smoothing=smooth, **common)),
         ("fused + online Hadamard down_proj + SmoothQuant", "fused+online", W8A8Config(smoothing=smooth, **common)),
+        ("online Hadamard down_proj (no fused) + SmoothQuant", "online", W8A8Config(smoothing=smooth, **common)),
         ("(ref) in-quantizer smooth+rotate, not exportable", "",
          W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
         ("SmoothQuant + block_objective", "", W8A8Config(smoothing=smooth, block_objective=True, **common)),
@@ -67,9 +69,9 @@ def selected(all_rows: list[tuple[str, str, W8A8Config]], only: str | None) -> l
 def loader(load: Callable[[], torch.nn.Module], rotate: str, seed: int) -> Callable[[], torch.nn.Module]:
     def make() -> torch.nn.Module:
         model = load()
-        if rotate:
+        if rotate.startswith("fused"):
             fuse_rotations(model, seed=seed)
-        if rotate == "fused+online":
+        if rotate.endswith("online"):
             add_online_rotations(model, seed=seed)
         return model
 

@@ -415,12 +415,17 @@ def test_plot_title_names_the_consumers_ratio_and_alpha():
     assert "model.layers.0.self_attn: k_proj, q_proj" in title and "41.3x" in title and "2.5x" in title
     assert "alpha=0.85" in title and title.startswith("input of")
 
-@pytest.mark.parametrize("rotate,scheme", [("fused", "smooth"), ("online", "w8a8-static")])
+@pytest.mark.parametrize("rotate,scheme", [("fused", "smooth"), ("online", "w8a8-static"), ("online-only", "w8a8-dynamic")])
 def test_quantize_with_rotations(rotate, scheme, tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
     out = tmp_path / "r"
     assert main(["quantize", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--samples", "4",
                  "--seq-len", "32", "--scheme", scheme, "--rotate", rotate, "--output", str(out)]) == 0
-    assert "rotations fused into llama" in capsys.readouterr().out.lower()
+    printed = capsys.readouterr().out.lower()
+    assert ("rotations fused into llama" in printed) == (rotate != "online-only")
+    config = json.loads((out / "config.json").read_text())
+    assert ("transform_config" in config.get("quantization_config", {})) == rotate.startswith("online")
     code = main(["eval", "--model", str(out), "--reference", str(tiny_model_dir), "--dataset", str(text_file),
                  "--seq-len", "32", "--max-windows", "2"])
     printed = capsys.readouterr().out
@@ -428,10 +433,11 @@ def test_quantize_with_rotations(rotate, scheme, tiny_model_dir, text_file, tmp_
     assert code == 0 and abs(change) < (0.01 if scheme == "smooth" else 5.0)
 
 
-def test_online_rotation_needs_w8a8(text_file, tmp_path, capsys):
-    code = main(["quantize", "--model", "x", "--dataset", str(text_file), "--scheme", "smooth", "--rotate", "online",
+@pytest.mark.parametrize("rotate", ["online", "online-only"])
+def test_online_rotation_needs_w8a8(rotate, text_file, tmp_path, capsys):
+    code = main(["quantize", "--model", "x", "--dataset", str(text_file), "--scheme", "smooth", "--rotate", rotate,
                  "--output", str(tmp_path / "o")])
-    assert code == 2 and "--rotate online needs a W8A8 scheme" in capsys.readouterr().err
+    assert code == 2 and f"--rotate {rotate} needs a W8A8 scheme" in capsys.readouterr().err
 
 
 def test_dynamic_fallback_is_a_static_option_recorded_in_the_recipe(tiny_model_dir, text_file, tmp_path, capsys):

@@ -18,9 +18,10 @@ from tico.experimental.quantization.nn.linear import W8A8Linear
 from zoo import build_model, input_ids
 
 
-def _quantized(activations: str = "static", **kw):
+def _quantized(activations: str = "static", fused: bool = True, **kw):
     model = build_model("llama")
-    fuse_rotations(model)
+    if fused:
+        fuse_rotations(model)
     add_online_rotations(model)
     ids = input_ids("llama", batch=4, seq=16)
     model = prepare(model, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5, linear_producers=True),
@@ -30,9 +31,9 @@ def _quantized(activations: str = "static", **kw):
     return convert(model), ids
 
 
-@pytest.mark.parametrize("activations", ["static", "dynamic"])
-def test_round_trip_with_transform_config(activations: str, tmp_path) -> None:
-    q, ids = _quantized(activations)
+@pytest.mark.parametrize("activations,fused", [("static", True), ("dynamic", True), ("dynamic", False)])
+def test_round_trip_with_transform_config(activations: str, fused: bool, tmp_path) -> None:
+    q, ids = _quantized(activations, fused)  # fused=False: the online Hadamard alone (--rotate online-only)
     save_compressed(q, tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     (scheme,) = raw["transform_config"]["config_groups"].values()

@@ -31,6 +31,10 @@ OBJECTIVE = W8A8Config(smoothing=SQ, activations="static", act_range="mse", dyna
 # alpha fixed at 1 moves the massive token of layer 0 into down_proj's weights: there smoothing hurts the block
 # (measured: block error 0.2 smoothed vs 0.002 unsmoothed), while layer 1 still gains from it: a mixed choice.
 HARSH = dataclasses.replace(OBJECTIVE, alpha_grid=(1.0,))
+# dynamic, with fixed-alpha candidates besides "searched" (alpha 1: poor) and "unsmoothed": alpha=0.5 wins a block
+ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True, block_objective_alphas=(0.5, 0.9),
+                    alpha_grid=(1.0,),
+                    backend="fake")
 
 
 def _models():
@@ -61,22 +65,33 @@ def _errors(model, calls) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("key,config", [("massive_llama", OBJECTIVE), ("massive_llama", HARSH), ("zoo_llama", OBJECTIVE)])
+@pytest.mark.parametrize("key,config", [("massive_llama", OBJECTIVE), ("massive_llama", HARSH), ("zoo_llama", OBJECTIVE),
+                                        ("massive_llama", ALPHAS)])
 def test_each_block_gets_the_candidate_with_the_smallest_measured_block_output_error(key, config):
     build, batches = _models()[key]
     chosen, quantizer, calls = _quantize(build, batches, config)
     searched, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False))
     unsmoothed, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False, smoothing=None))
     measured = {"searched": _errors(searched, calls), "unsmoothed": _errors(unsmoothed, calls)}
+    for a in config.block_objective_alphas:  # a fixed-alpha candidate is the recipe with that alpha everywhere
+        fixed = SmoothQuantConfig(alpha=a, linear_producers=True)
+        model, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False, smoothing=fixed))
+        measured[f"alpha={a:g}"] = _errors(model, calls)
     final = _errors(chosen, calls)
     report = quantizer.report
     assert set(report.block_errors) == set(calls) == set(decoder_blocks(build()))
+    assert all(set(e) == set(measured) for e in report.block_errors.values())
     for block, errors in report.block_errors.items():
         for cand, e in errors.items():  # the reported numbers are the candidates' real block errors
             assert e == pytest.approx(measured[cand][block], rel=1e-4, abs=1e-9), (block, cand)
         best = min(errors, key=errors.get)
         assert report.block_choices[block].startswith(best)
         assert final[block] == pytest.approx(min(errors.values()), rel=1e-4, abs=1e-9)  # the converted block is it
+        if best.startswith("alpha="):  # the block's groups report the fixed alpha they got
+            groups = [p for p in report.alphas if p.startswith(block + ".")]
+            assert groups and all(report.alphas[p] == float(best[6:]) for p in groups)
+    if config is ALPHAS:  # the fixed-alpha path is exercised
+        assert report.block_choices["model.layers.1"].startswith("alpha=0.5")
 
 
 def test_choices_are_reported_and_a_harmful_smoothing_is_dropped_where_it_hurts():
@@ -139,3 +154,8 @@ def test_blocks_that_keep_the_searched_recipe_are_bit_identical_to_the_option_of
     plain, _, _ = _quantize(build, batches, dataclasses.replace(OBJECTIVE, block_objective=False))
     with torch.no_grad():
         assert torch.equal(chosen(batches[0]).logits, plain(batches[0]).logits)
+
+
+def test_fixed_alpha_candidates_are_validated():
+    with pytest.raises(ValueError, match="block_objective_alphas"):
+        W8A8Config(smoothing=SQ, block_objective=True, block_objective_alphas=(1.5,))

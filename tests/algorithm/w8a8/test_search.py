@@ -101,3 +101,61 @@ def test_search_scores_few_alphas_and_ties_go_to_one_half():
     best, errors = search_alpha(terms, scales_for, GRID, QUANTS[1])
     assert best == 0.5  # every alpha scores the same
     assert len(calls) == len(set(calls)) == len(errors) <= 11
+
+
+def _relative_error(terms, scales_for, quant, alpha):
+    """sum over consumers and rows of ||Qa(x/s) Qw(W s)^T - x W^T||^2 / ||x W^T||^2 (fake-quant reference)."""
+    s = scales_for(alpha)
+    err = 0.0
+    for t in terms:
+        ref = t.sample @ t.weight.T
+        w = t.weight * s
+        out = quant.quantize_acts(t.sample / s, t.act_absmax / s, w) @ quant.quantize_weight(w).T
+        err += float(((out - ref).pow(2).sum(1) / ref.pow(2).sum(1)).sum())
+    return err
+
+
+def test_token_relative_scores_are_each_tokens_relative_error():
+    terms, scales_for = _group(3, rows=512)
+    quant = DeployedQuant("per_channel", "dynamic", "mse", 99.99, "token_relative")
+    _, errors = search_alpha(terms, scales_for, (0.2, 0.5, 0.8), quant, exhaustive=True)
+    for a, e in errors.items():
+        assert e == pytest.approx(_relative_error(terms, scales_for, quant, a), rel=1e-4)
+
+
+def test_token_relative_search_is_not_decided_by_massive_tokens():
+    """Ordinary tokens with outlier channels want smoothing; two massive tokens (x1000, every channel) dominate
+    the absolute error. The token-relative search serves the ordinary tokens: a smaller relative error on them
+    than the absolute search's alpha (sampled search, the massive rows among the extreme ones)."""
+    gen = torch.Generator().manual_seed(7)
+    rows, channels = 2048, 64
+    x = torch.randn(rows, channels, generator=gen)
+    x[:, :4] *= 60  # fixed outlier channels on every token
+    massive = torch.tensor([0, 1024])
+    x[massive] = torch.randn(2, channels, generator=gen).abs() * 1000 * (1 + 20 * torch.rand(channels, generator=gen))
+    weights = [torch.randn(48, channels, generator=gen) * 0.1 for _ in range(2)]
+    absmax = x.abs().amax(dim=0)
+    w_absmax = torch.stack([channel_absmax(w, 1) for w in weights]).amax(dim=0)
+    terms = [Term(x, absmax, w) for w in weights]
+
+    def scales_for(a):
+        return smoothing_scales(absmax, w_absmax, a)
+
+    absolute = DeployedQuant("per_channel", "dynamic", "mse", 99.99)
+    relative = DeployedQuant("per_channel", "dynamic", "mse", 99.99, "token_relative")
+    a_abs, _ = search_alpha(terms, scales_for, GRID, absolute)
+    a_rel, _ = search_alpha(terms, scales_for, GRID, relative)
+    ordinary = torch.ones(rows, dtype=torch.bool)
+    ordinary[massive] = False
+    plain = [Term(x[ordinary], absmax, w) for w in weights]
+    assert a_rel != a_abs
+    assert _relative_error(plain, scales_for, relative, a_rel) < _relative_error(plain, scales_for, relative, a_abs)
+
+
+def test_alpha_objective_is_validated():
+    from tico.experimental.quantization.config.w8a8 import W8A8Config
+
+    with pytest.raises(ValueError, match="alpha_objective"):
+        W8A8Config(alpha_objective="relative")
+    with pytest.raises(ValueError, match="objective"):
+        search_alpha(*_group(0, rows=64), (0.5,), DeployedQuant("per_channel", "dynamic", "mse", 99.99, "bad"))

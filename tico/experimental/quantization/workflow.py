@@ -108,13 +108,14 @@ def write_sidecars(folder: Path, tokenizer: Any, plan: Any, metadata: dict[str, 
     (folder / RECIPE_FILE).write_text(json.dumps(metadata, indent=1))
 
 
-ROTATIONS = ("none", "fused", "online")
+ROTATIONS = ("none", "fused", "online", "online-only")
 
 
 def apply_rotations(model: torch.nn.Module, mode: str) -> str:
     """Rotate ``model`` before calibration: ``"fused"`` folds a Hadamard rotation of the residual stream (and of
     each head's values) into the float weights, exactly; ``"online"`` also rotates ``down_proj`` inputs at run
-    time (exported as a compressed-tensors ``transform_config``). Returns what was done, for the summary."""
+    time (exported as a compressed-tensors ``transform_config``); ``"online-only"`` rotates the ``down_proj``
+    inputs at run time without the fused rotations. Returns what was done, for the summary."""
     from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations
     from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
 
@@ -122,8 +123,8 @@ def apply_rotations(model: torch.nn.Module, mode: str) -> str:
         raise ValueError(f"rotate must be one of {list(ROTATIONS)}, got {mode!r}")
     if mode == "none":
         return ""
-    lines = [fuse_rotations(model).summary()]
-    if mode == "online":
+    lines = [] if mode == "online-only" else [fuse_rotations(model).summary()]
+    if mode in ("online", "online-only"):
         lines.append(f"online Hadamard on the inputs of {len(add_online_rotations(model))} layers")
     return "\n".join(lines)
 

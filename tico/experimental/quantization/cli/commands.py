@@ -135,8 +135,8 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
     if args.alpha == "auto" and args.scheme == "smooth":
         raise CliError("--alpha auto needs a W8A8 scheme to score alphas against: use --scheme w8a8-static or "
                        "w8a8-dynamic, or a number such as --alpha 0.5", EXIT_ARGS)
-    if getattr(args, "rotate", "none") == "online" and args.scheme == "smooth":
-        raise CliError("--rotate online needs a W8A8 scheme (a float checkpoint has no place for run-time rotations); "
+    if getattr(args, "rotate", "none") in ("online", "online-only") and args.scheme == "smooth":
+        raise CliError(f"--rotate {args.rotate} needs a W8A8 scheme (a float checkpoint has no place for run-time rotations); "
                        "use --rotate fused with --scheme smooth", EXIT_ARGS)
     ignore = getattr(args, "ignore", [])
     if ignore and args.scheme == "smooth":

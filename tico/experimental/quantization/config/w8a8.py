@@ -13,6 +13,7 @@ WeightGranularity = Literal["per_channel", "per_tensor"]
 Activations = Literal["dynamic", "static"]
 ActRange = Literal["absmax", "mse", "output_mse", "percentile"]
 Backend = Literal["int8", "fake"]
+AlphaObjective = Literal["absolute", "token_relative"]
 
 
 def _one_of(value: object, allowed: object, where: str) -> None:
@@ -63,6 +64,12 @@ class W8A8Config(BaseConfig):
         alpha_grid: candidate alphas for ``smoothing.alpha="auto"`` (each group, and each layer smoothed inside its
             quantizer, gets the alpha of the grid with the smallest deployed-quantization output error on the
             calibration sample).
+        alpha_objective: what the alpha search minimises over the scored rows: ``"absolute"``, the squared output
+            error ``sum_i ||y^_i - y_i||^2``; ``"token_relative"``, each token's squared error relative to its own
+            float output ``sum_i ||y^_i - y_i||^2 / ||y_i||^2`` (massive tokens, hundreds of times larger than
+            the others, no longer decide the alpha alone). Default ``"absolute"``: token_relative measured no
+            better on SmolLM2-135M with dynamic activations (+1.67% ppl vs +1.62%,
+            ``benchmarks/massive_activations.py``).
         calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
             than ``"absmax"`` and for ``alpha="auto"``.
         dynamic_fallback: with ``activations="static"``, a budget ``b``: calibration also keeps each layer's
@@ -75,6 +82,9 @@ class W8A8Config(BaseConfig):
             and no smoothing for that block's groups (each fully planned: ranges, ``dynamic_fallback``); every
             choice and its errors are in ``report.block_choices``. Needs ``smoothing``; see
             :mod:`tico.experimental.quantization.algorithm.w8a8.block_choice`.
+        block_objective_alphas: more ``block_objective`` candidates: each alpha, for all of a block's switchable
+            groups (e.g. ``(0.5,)``); each costs one more planning of those layers and one more trial forward per
+            block.
         block_objective_tokens: tokens per block recorded for ``block_objective`` (whole calibration calls are
             recorded until this many tokens).
     """
@@ -92,16 +102,19 @@ class W8A8Config(BaseConfig):
     quantize_lm_head: bool = False
     backend: Backend = "int8"
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+    alpha_objective: AlphaObjective = "absolute"
     calibration_rows: int = 2048
     dynamic_fallback: float | None = None
     block_objective: bool = False
     block_objective_tokens: int = 1024
+    block_objective_alphas: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _one_of(self.weights, WeightGranularity, "weights")
         _one_of(self.activations, Activations, "activations")
         _one_of(self.act_range, ActRange, "act_range")
         _one_of(self.backend, Backend, "backend")
+        _one_of(self.alpha_objective, AlphaObjective, "alpha_objective")
         if self.smoothing is not None and not isinstance(self.smoothing, SmoothQuantConfig):
             raise ValueError(f"W8A8Config.smoothing must be a SmoothQuantConfig or None, got {type(self.smoothing).__name__}")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
@@ -121,6 +134,10 @@ class W8A8Config(BaseConfig):
             raise ValueError(f"W8A8Config.dynamic_fallback must be None or a finite number >= 1, got {fb!r}")
         if self.block_objective and self.smoothing is None:
             raise ValueError("W8A8Config.block_objective chooses between smoothing and none per block: it needs smoothing")
+        alphas = tuple(float(a) for a in self.block_objective_alphas)
+        if any(not math.isfinite(a) or not 0 <= a <= 1 for a in alphas):
+            raise ValueError(f"W8A8Config.block_objective_alphas must be alphas in [0, 1], got {self.block_objective_alphas!r}")
+        object.__setattr__(self, "block_objective_alphas", alphas)
         if not isinstance(self.block_objective_tokens, int) or self.block_objective_tokens < 1:
             raise ValueError(f"W8A8Config.block_objective_tokens must be a positive int, got {self.block_objective_tokens!r}")
 

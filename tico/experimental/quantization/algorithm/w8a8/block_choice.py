@@ -18,7 +18,9 @@ output is where the layers' errors meet (and where the next block's norm reads t
 * the candidate with the smallest error wins the block; every block's errors and choice are reported.
 
 Candidates (:data:`CANDIDATES`): ``"searched"`` (the per-layer-searched alphas: the recipe without this option)
-and ``"unsmoothed"`` (the block's smoothing groups off: scales 1). A group can be switched per block only if its
+and ``"unsmoothed"`` (the block's smoothing groups off: scales 1), plus ``"alpha=a"`` for each
+``W8A8Config.block_objective_alphas`` entry (the block's groups all at that fixed alpha; on SmolLM2-135M,
+dynamic, with 0.25/0.5/0.75 the searched alphas kept 29 of 30 blocks). A group can be switched per block only if its
 producer and all its consumers are inside one block; other groups keep the searched alphas. Smoothing applied
 inside a layer's quantizer (``smooth_in_quantizer``) is not switched. Everything chosen exports as the searched
 recipe does (a group off is a fold by 1: nothing in the format changes). A group switched off keeps its searched

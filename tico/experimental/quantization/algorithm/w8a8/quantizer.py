@@ -291,7 +291,7 @@ class W8A8Quantizer(BaseQuantizer):
             except ValueError as exc:
                 errors.append(str(exc))
         self.fail(model, errors)  # the searches and ranges below need valid statistics
-        quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile)
+        quant = DeployedQuant(cfg.weights, cfg.activations, cfg.act_range, cfg.percentile, cfg.alpha_objective)
         self._sketches = SketchCache()
         report = W8A8Report(kept_float=dict(self.report.kept_float))
         smoothing = None
@@ -413,40 +413,68 @@ class W8A8Quantizer(BaseQuantizer):
         self, model: nn.Module, smoothing: ScalePlan, layers: dict[str, nn.Module], quant: DeployedQuant,
         report: W8A8Report, attention_scales: dict[str, dict[str, float]],
     ) -> None:
-        """``block_objective``: per block, the searched smoothing or none, whichever quantized block reproduces
-        the float block's recorded output best; ``smoothing``, ``layers`` and ``report`` are updated in place."""
+        """``block_objective``: per block, the searched smoothing, none, or one of ``block_objective_alphas`` for
+        the block's groups, whichever quantized block reproduces the float block's recorded output best;
+        ``smoothing``, ``layers`` and ``report`` are updated in place."""
         assert self.sq is not None and self.recorder is not None
         start = time.perf_counter()
         switched = {p for producers in self.switchable.values() for p in producers}
-        off = ScalePlan(alphas=dict(smoothing.alphas), scales={
-            p: torch.ones_like(s) if p in switched else s for p, s in smoothing.scales.items()})
         touched = [n for n in layers if n in switched or (n in self.folded_by and self.folded_by[n][0].producer in switched)]
-        report_off = W8A8Report()
-        layers_off = dict(layers)
-        layers_off.update(self._plan_layers(model, touched, off, quant, report_off,
-                                            "planning unsmoothed candidates (block objective)"))
-        folded = {}  # the producers' own parameters the searched fold changes (norm weights, biases)
-        for p in switched:
-            if p in layers:
-                continue  # a Linear producer is replaced by its planned layer
-            for pname, _ in model.get_submodule(p).named_parameters(recurse=False):
-                folded[f"{p}.{pname}"] = self.sq.smoothed_parameter(model, smoothing, f"{p}.{pname}")
-        candidates = [block_choice.Candidate("searched", folded, layers),
-                      block_choice.Candidate("unsmoothed", {}, layers_off)]
+        groups = {g.producer: g for g in self.sq.plan.smoothed if g.producer in switched}
+
+        def folded_of(plan: ScalePlan) -> dict[str, torch.Tensor]:
+            folded = {}  # the producers' own parameters the fold changes (norm weights, biases)
+            for p in switched:
+                if p in layers:
+                    continue  # a Linear producer is replaced by its planned layer
+                for pname, _ in model.get_submodule(p).named_parameters(recurse=False):
+                    folded[f"{p}.{pname}"] = self.sq.smoothed_parameter(model, plan, f"{p}.{pname}")  # type: ignore[union-attr]
+            return folded
+
+        # name -> (plan, its layers, its report); "searched" is the plan as it is
+        others: dict[str, tuple[ScalePlan, dict[str, nn.Module], W8A8Report]] = {}
+        variants: list[tuple[str, float | None]] = [("unsmoothed", None)]
+        variants += [(f"alpha={a:g}", float(a)) for a in self.config.block_objective_alphas]
+        for cname, a in variants:
+            if a is None:
+                scales = {p: torch.ones_like(s) if p in switched else s for p, s in smoothing.scales.items()}
+                alphas = dict(smoothing.alphas)
+            else:
+                scales = {p: self.sq.scales_for(model, groups[p])(a) if p in switched else s
+                          for p, s in smoothing.scales.items()}
+                alphas = {p: a if p in switched else v for p, v in smoothing.alphas.items()}
+            plan = ScalePlan(alphas=alphas, scales=scales)
+            problems = self.sq.validate(model, plan)
+            if problems:
+                logger.warning("block_objective: candidate %s dropped: %s", cname, problems[:3])
+                continue
+            report_c = W8A8Report()
+            layers_c = dict(layers)
+            layers_c.update(self._plan_layers(model, touched, plan, quant, report_c,
+                                              f"planning {cname} candidates (block objective)"))
+            others[cname] = (plan, layers_c, report_c)
+        candidates = [block_choice.Candidate("searched", folded_of(smoothing), layers)]
+        candidates += [block_choice.Candidate(n, folded_of(plan) if n != "unsmoothed" else {}, lc)
+                       for n, (plan, lc, _) in others.items()]
         choices = block_choice.choose(model, self.switchable, candidates, self.recorder, attention_scales,
                                       attention.STATE_ATTR)
         for block, choice in choices.items():
             report.block_choices[block] = choice.describe()
             report.block_errors[block] = dict(choice.errors)
-            if choice.chosen != "unsmoothed":
+            if choice.chosen == "searched":
                 continue
+            plan, layers_c, report_c = others[choice.chosen]
             for p in choice.groups:
-                smoothing.scales[p] = off.scales[p]
-                report.alphas.pop(p, None)
+                smoothing.scales[p] = plan.scales[p]
+                smoothing.alphas[p] = plan.alphas[p]
+                if choice.chosen == "unsmoothed":
+                    report.alphas.pop(p, None)
+                else:
+                    report.alphas[p] = plan.alphas[p]
             for name in touched:
                 if block_choice.inside(name, block):
-                    layers[name] = layers_off[name]
-                    for mine, theirs in ((report.act_ranges, report_off.act_ranges), (report.act_modes, report_off.act_modes)):
+                    layers[name] = layers_c[name]
+                    for mine, theirs in ((report.act_ranges, report_c.act_ranges), (report.act_modes, report_c.act_modes)):
                         mine.pop(name, None)
                         if name in theirs:
                             mine[name] = theirs[name]

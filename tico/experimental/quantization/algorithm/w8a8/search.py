@@ -72,6 +72,7 @@ class DeployedQuant:
     activations: str  # "dynamic" | "static"
     act_range: str  # "absmax" | "mse" | "output_mse" | "percentile"
     percentile: float
+    objective: str = "absolute"  # "absolute": sum_i ||e_i||^2; "token_relative": sum_i ||e_i||^2 / ||y_i||^2
 
     def quantize_acts(
         self,
@@ -146,6 +147,7 @@ class _Rows:
     def __init__(self, rows: torch.Tensor, weights: torch.Tensor | None, sketch: Callable[[], RangeSketch]) -> None:
         self.rows, self.weights, self.sketch = rows, weights, sketch
         self.refs: list[torch.Tensor] = []
+        self.term_weights: list[torch.Tensor | None] = []  # per consumer: ``weights`` times the objective's row weights
 
 
 class _Input:
@@ -179,12 +181,16 @@ class _Input:
                 self._coarse_idx = idx
                 self.coarse = _Rows(rows[idx], weights, self.thin_sketch)
 
-    def add(self, term: Term) -> None:
+    def add(self, term: Term, objective: str = "absolute") -> None:
         w = term.weight.float().to(self.full.rows.device)
         self.weights.append(w)
-        self.full.refs.append(self.full.rows @ w.T)
+        ref = self.full.rows @ w.T
+        self.full.refs.append(ref)
+        row_weights = _objective_weights(ref, self.full.weights, objective)
+        self.full.term_weights.append(row_weights)
         if self.coarse is not self.full:
-            self.coarse.refs.append(self.full.refs[-1][self._coarse_idx])
+            self.coarse.refs.append(ref[self._coarse_idx])
+            self.coarse.term_weights.append(_objective_weights(ref[self._coarse_idx], self.coarse.weights, objective))
 
     def error(self, scales: torch.Tensor, quant: DeployedQuant, coarse: bool = False) -> float:
         view = self.coarse if coarse else self.full
@@ -193,10 +199,10 @@ class _Input:
         absmax = self.absmax.to(s.device) / s
         err = 0.0
         if quant.activations == "static" and quant.act_range == "output_mse":  # the range depends on each weight
-            for w, ref in zip(self.weights, view.refs):
+            for w, ref, rw in zip(self.weights, view.refs, view.term_weights):
                 ws = w * s
                 qx, sx = _static_codes(x, quant.static_range(x, absmax, ws))
-                err += _weighted(_int_output(qx, sx, ws, quant).sub_(ref), view.weights)
+                err += _weighted(_int_output(qx, sx, ws, quant).sub_(ref), rw)
             return err
         if quant.activations == "dynamic":
             qx, sx = quantize_per_token(x)
@@ -207,8 +213,8 @@ class _Input:
             if quant.act_range != "absmax" and self.sample.numel() > x.numel():
                 full = self.sample.reshape(-1, s.numel()) / s
             qx, sx = _static_codes(x, quant.static_range(x if full is None else full, absmax))
-        for w, ref in zip(self.weights, view.refs):
-            err += _weighted(_int_output(qx, sx, w * s, quant).sub_(ref), view.weights)
+        for w, ref, rw in zip(self.weights, view.refs, view.term_weights):
+            err += _weighted(_int_output(qx, sx, w * s, quant).sub_(ref), rw)
         return err
 
     def sketch(self) -> RangeSketch:
@@ -221,6 +227,20 @@ class _Input:
         if self._thin is None:
             self._thin = self.sketch().thinned(COARSE_SKETCH_REST)
         return self._thin
+
+
+def _objective_weights(ref: torch.Tensor, weights: torch.Tensor | None, objective: str) -> torch.Tensor | None:
+    """Per scored row, the weight of its squared error: the sampling ``weights`` (None: 1), divided for
+    ``"token_relative"`` by the row's squared float output norm ``||y_i||^2`` (each token's error relative to its
+    own output, as a per-token quantizer and the per-token norms after the layer see it; a token's
+    output norm of 0 counts as the mean one)."""
+    if objective == "absolute":
+        return weights
+    if objective != "token_relative":
+        raise ValueError(f"unknown alpha search objective {objective!r}")
+    norms = torch.linalg.vecdot(ref, ref)
+    norms = torch.where(norms > 0, norms, norms.mean().clamp_min(torch.finfo(norms.dtype).tiny))
+    return (1.0 if weights is None else weights) / norms
 
 
 def _weighted(diff: torch.Tensor, row_weights: torch.Tensor | None) -> float:
@@ -312,7 +332,7 @@ def search_alpha(
         if key not in inputs:
             inputs[key] = _Input(t, None if exhaustive else max_rows)
             inputs[key].sketches = sketches
-        inputs[key].add(t)
+        inputs[key].add(t, quant.objective)
     errors: dict[float, float] = {}  # full fidelity
     estimates: dict[float, float] = {}  # coarse fidelity
     scales_of: dict[float, torch.Tensor] = {}
