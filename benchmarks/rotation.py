@@ -54,6 +54,8 @@ def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
         ("SmoothQuant + block_objective", "", W8A8Config(smoothing=smooth, block_objective=True, **common)),
     ] + ([("SmoothQuant + dynamic_fallback=16", "", W8A8Config(smoothing=smooth, dynamic_fallback=16.0, **common)),
           ("SmoothQuant + dynamic_fallback=16 + block_objective", "",
+           W8A8Config(smoothing=smooth, dynamic_fallback=16.0, block_objective=True, **common)),
+          ("online Hadamard down_proj + SmoothQuant + dynamic_fallback=16 + block_objective", "online",
            W8A8Config(smoothing=smooth, dynamic_fallback=16.0, block_objective=True, **common))]
          if activations == "static" else [])
 
