@@ -17,6 +17,7 @@ ranges: what compressed-tensors can store) and ``accurate`` (+ smoothing inside 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import cProfile
 import io
 import pstats
@@ -32,6 +33,7 @@ from accuracy import outlier_llama  # noqa: E402  (the same seeded builder, wide
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.schemes import build_config
 
 
 def recipes(backend: str) -> dict[str, W8A8Config]:
@@ -41,6 +43,8 @@ def recipes(backend: str) -> dict[str, W8A8Config]:
         "naive": W8A8Config(activations="static", act_range="absmax", backend=backend),
         "exportable": W8A8Config(**exportable),
         "accurate": W8A8Config(smooth_in_quantizer=True, rotate=("all",), **exportable),
+        # what `tico-sq quantize --scheme w8a8-static` applies: exportable + dynamic_fallback + block_objective
+        "default": dataclasses.replace(build_config("w8a8-static"), backend=backend),
     }
 
 
@@ -62,7 +66,7 @@ def forward_all(model: torch.nn.Module, calib: torch.Tensor, batch: int) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=["naive", "exportable", "accurate", "all"], default="all")
+    parser.add_argument("--recipe", choices=["naive", "exportable", "accurate", "default", "all"], default="all")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--samples", type=int, default=32)
