@@ -44,6 +44,8 @@ SHAPES = {  # name -> (hidden, intermediate, heads, kv heads, layers, vocab)
 RECIPES = {
     "exportable": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse')",
     "accurate": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse', smooth_in_quantizer=True, rotate=('all',))",
+    # what `tico-sq quantize --scheme w8a8-static` applies: exportable + dynamic_fallback=16 + block_objective
+    "default": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse', dynamic_fallback=16.0, block_objective=True)",
 }
 
 
@@ -220,7 +222,10 @@ def summarize(name: str, r: dict, shape: tuple[int, ...]) -> None:
     per_block = sorted(r["block_s"])[len(r["block_s"]) // 2]
     print(f"\n[{name}] {r['blocks']} blocks")
     where = "after the float forward, same process" if r.get("same_process") else "own process"
-    print(f"  peak RSS: streamed quantization {r['rss_quantize'] / gb:.2f} GB ({where}; ru_maxrss {r['ru_maxrss'] / gb:.2f} GB), "
+    # ru_maxrss of a child started by subprocess (vfork + exec) starts from the launching process's own peak
+    # (here: building the checkpoint), so it is an upper bound only; VmRSS sampled in the child is the figure.
+    print(f"  peak RSS: streamed quantization {r['rss_quantize'] / gb:.2f} GB ({where}; ru_maxrss {r['ru_maxrss'] / gb:.2f} GB, "
+          f"which counts the launcher's peak too), "
           f"float forward {r['rss_float'] / gb:.2f} GB ({'same' if r.get('same_process') else 'own'} process)")
     print("  peak RSS per phase: " + ", ".join(f"block {i}{' (+capture)' if i == 0 else ''} {b / gb:.2f}"
                                             for i, b in enumerate(r["rss_blocks"])) + f", rest {r['rss_rest'] / gb:.2f} GB")
