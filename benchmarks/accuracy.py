@@ -109,10 +109,14 @@ def outlier_llama(seed: int = 0, hidden: int = 128, layers: int = 4) -> LlamaFor
     return model
 
 
-def random_model(backend: str) -> None:
+def outlier_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded calibration (32x128) and evaluation (16x128) tokens for :func:`outlier_llama`."""
     gen = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, 512, (32, 128), generator=gen)
-    evaluation = torch.randint(0, 512, (16, 128), generator=gen)
+    return torch.randint(0, 512, (32, 128), generator=gen), torch.randint(0, 512, (16, 128), generator=gen)
+
+
+def random_model(backend: str) -> None:
+    calib, evaluation = outlier_data()
     reference = outlier_llama()
     print("\nrandom Llama with outlier norm channels (x20..x60): static per-tensor W8A8, mean KL to float")
     for name, config in recipes("static", backend).items():

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import outlier_llama, print_row, quantize, stories_data  # noqa: E402
+from accuracy import outlier_data, outlier_llama, print_row, quantize, stories_data  # noqa: E402
 
 from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations  # noqa: E402
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations  # noqa: E402
@@ -100,9 +100,7 @@ def real_model(backend: str, seed: int, only: str | None = None) -> None:
 
 
 def random_model(backend: str, seed: int, only: str | None = None) -> None:
-    gen = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, 512, (32, 128), generator=gen)
-    evaluation = torch.randint(0, 512, (16, 128), generator=gen)
+    calib, evaluation = outlier_data()
     reference = outlier_llama()
     print("\nrandom Llama with outlier norm channels (x20..x60): mean KL to float")
     for activations in ("static", "dynamic"):
