@@ -19,6 +19,7 @@ from tico.experimental.quantization.algorithm.smoothquant.producers import LINEA
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.names import within
 
 
 class BlockShell(nn.Module):
@@ -57,9 +58,6 @@ class BlockStub(nn.Module):
         return (out,) if self.returns_tuple else out
 
 
-def _inside(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
 
 def names_of(config: BaseConfig) -> tuple[tuple[str, ...], dict[str, float]]:
     """The module names a config refers to: W8A8 ``ignore`` and the smoothing ``custom_alpha_map``."""
@@ -79,14 +77,14 @@ def scoped_config(config: BaseConfig, block_path: str | None, blocks_path: str, 
     ignore, amap = names_of(config)
     modules = {n for n, _ in unit.named_modules()}
     if block_path is not None:
-        scoped = {n: a for n, a in amap.items() if _inside(n, block_path)}
+        scoped = {n: a for n, a in amap.items() if within(n, block_path)}
         enclosing = [n for n in amap if block_path.startswith(n + ".") or n == ""]
         if enclosing and block_path not in scoped:
             scoped[block_path] = amap[max(enclosing, key=len)]
-        kept_ignore = tuple(n for n in ignore if n in modules and (_inside(n, block_path) or block_path.startswith(n + ".")))
+        kept_ignore = tuple(n for n in ignore if n in modules and (within(n, block_path) or block_path.startswith(n + ".")))
     else:
-        scoped = {n: a for n, a in amap.items() if not _inside(n, blocks_path) and n in modules}
-        kept_ignore = tuple(n for n in ignore if n in modules and not _inside(n, blocks_path))
+        scoped = {n: a for n, a in amap.items() if not within(n, blocks_path) and n in modules}
+        kept_ignore = tuple(n for n in ignore if n in modules and not within(n, blocks_path))
     smoothing = config.smoothing if isinstance(config, W8A8Config) else config
     if isinstance(smoothing, SmoothQuantConfig):
         smoothing = dataclasses.replace(smoothing, custom_alpha_map=scoped or None)
@@ -109,5 +107,5 @@ def quantizable_linears(unit: nn.Module, config: W8A8Config, ignore: tuple[str, 
     head = getter() if callable(getter) and not config.quantize_lm_head else None
     return [
         n for n, m in unit.named_modules()
-        if isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) and m is not head and not any(_inside(n, p) for p in ignore)
+        if isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) and m is not head and not any(within(n, p) for p in ignore)
     ]

@@ -23,13 +23,11 @@ from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.export.shards import StoredTensor
 from tico.experimental.quantization.pipeline.checkpoint import Checkpoint
+from tico.experimental.quantization.names import within
 
 
 COPY_CHUNK_BYTES = 64 * 1024**2  # a passed-through matrix is copied to the output in row ranges of this size
 
-
-def _inside(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -163,7 +161,7 @@ def passthrough_matrices(ckpt: Checkpoint, model: nn.Module, config: BaseConfig,
         return []
     embedding, head = _embeddings(model)
     others = [n for n, m in model.named_modules()
-              if not _inside(n, blocks_path) and m is not head
+              if not within(n, blocks_path) and m is not head
               and (isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) or linear_output_axis(m) is not None)]
     if others:
         return []
@@ -176,7 +174,7 @@ def passthrough_matrices(ckpt: Checkpoint, model: nn.Module, config: BaseConfig,
             continue  # tied: the input embedding's entry covers it
         seen.add(id(module.weight))
         names = _names_of(model, module.weight)
-        if any(_inside(n, blocks_path) for n in names):
+        if any(within(n, blocks_path) for n in names):
             continue
         tied = embedding is not None and embedding is not module and getattr(embedding, "weight", None) is module.weight
         source = _source(ckpt, model, embedding if tied else module)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.quantizer import Transaction
+from tico.experimental.quantization.names import within
 
 # Call arguments that carry state across calls (KV caches): a trial forward must not read or grow them, and the
 # recorded calls come from fresh forwards, so they are replayed without one. Known names, and any value whose
@@ -79,9 +80,6 @@ def decoder_blocks(model: nn.Module) -> list[str]:
 def _is_state(key: str, value: Any) -> bool:
     return key in STATE_KWARGS or any(t.__name__ in STATE_CLASSES for t in type(value).__mro__)
 
-
-def inside(name: str, block: str) -> bool:
-    return name == block or name.startswith(block + ".")
 
 
 def _hidden_of(output: Any) -> torch.Tensor:
@@ -209,15 +207,15 @@ def trial_error(
                 tx.setattr(m, attr, OrderedDict())
         params = dict(model.named_parameters(remove_duplicate=False))
         for name, value in candidate.folded.items():
-            if inside(name, block):
+            if within(name, block):
                 tx.save(params[name])
                 params[name].copy_(value)
         for name, new in candidate.layers.items():
-            if inside(name, block):
+            if within(name, block):
                 parent, _, child = name.rpartition(".")
                 tx.setattr(model.get_submodule(parent), child, new)
         for name, scales in (attention or {}).items():
-            if inside(name, block) and attention_attr is not None:
+            if within(name, block) and attention_attr is not None:
                 tx.setattr(getattr(model.get_submodule(name), attention_attr), "scales", scales)
         errors, weights = [], []
         for call in calls:

@@ -39,6 +39,7 @@ from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedH
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.nn.qscheme import range_to_scale
 from tico.experimental.quantization.progress import track
+from tico.experimental.quantization.names import within
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class W8A8Quantizer(BaseQuantizer):
         blocks = block_choice.decoder_blocks(model)
         for g in self.sq.plan.smoothed:
             for b in blocks:
-                if block_choice.inside(g.producer, b) and all(block_choice.inside(c.module, b) for c in g.consumers):
+                if within(g.producer, b) and all(within(c.module, b) for c in g.consumers):
                     self.switchable.setdefault(b, []).append(g.producer)
                     break
         if not blocks:
@@ -472,7 +473,7 @@ class W8A8Quantizer(BaseQuantizer):
                 else:
                     report.alphas[p] = plan.alphas[p]
             for name in touched:
-                if block_choice.inside(name, block):
+                if within(name, block):
                     layers[name] = layers_c[name]
                     for mine, theirs in ((report.act_ranges, report_c.act_ranges), (report.act_modes, report_c.act_modes)):
                         mine.pop(name, None)
