@@ -90,7 +90,7 @@ DEMO_EPILOG = """\
 rows: float, then W8A8 dynamic and static, each naive (no smoothing) and with SmoothQuant (alpha auto);
 each row loads the model again, calibrates, converts and scores the windows after the calibration windows.
 
-expected time on a 2-core CPU: 1 to 2 minutes with the defaults (76-124 s measured); five rows, each
+expected time on a 2-core CPU: 15 s to 2 minutes with the defaults (12-124 s measured); five rows, each
 showing its own progress and printed as soon as it is done. Fewer --samples or a smaller --seq-len is faster
 (--samples 4 --eval-windows 2: under a minute).
 
