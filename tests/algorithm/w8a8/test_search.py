@@ -7,6 +7,7 @@ import torch
 
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales
 from tico.experimental.quantization.algorithm.w8a8.search import (
+    SCORE_CHANNELS,
     DeployedQuant,
     Term,
     output_error,
@@ -101,6 +102,42 @@ def test_search_scores_few_alphas_and_ties_go_to_one_half():
     best, errors = search_alpha(terms, scales_for, GRID, QUANTS[1])
     assert best == 0.5  # every alpha scores the same
     assert len(calls) == len(set(calls)) == len(errors) <= 11
+
+
+def _wide_group(seed: int, outputs: int = 3072):
+    """:func:`_group`'s input read by two consumers wider than ``SCORE_CHANNELS``, as an MLP's gate/up."""
+    terms, _ = _group(seed, rows=1024)
+    gen = torch.Generator().manual_seed(seed + 100)
+    channels = terms[0].sample.shape[1]
+    weights = [torch.randn(outputs, channels, generator=gen) * (0.05 + torch.rand(channels, generator=gen) * 0.1)
+               for _ in range(2)]
+    absmax = terms[0].act_absmax
+    w_absmax = torch.stack([channel_absmax(w, 1) for w in weights]).amax(dim=0)
+    return [Term(terms[0].sample, absmax, w) for w in weights], (lambda a: smoothing_scales(absmax, w_absmax, a))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wide_consumers_are_scored_on_a_channel_subset(seed):
+    """More outputs than SCORE_CHANNELS: each alpha is scored on a seeded subset of output channels, its error
+    scaled to all of them; the estimate stays within 5% of scoring every channel and picks as good an alpha."""
+    terms, scales_for = _wide_group(seed)
+    quant = QUANTS[0]
+    assert terms[0].weight.shape[0] > SCORE_CHANNELS
+    sub_best, sub = search_alpha(terms, scales_for, GRID, quant)
+    all_best, every = search_alpha(terms, scales_for, GRID, quant, max_channels=None)
+    shared = sorted(set(sub) & set(every))
+    assert shared and any(sub[a] != every[a] for a in shared)  # really a subset
+    for a in shared:
+        assert sub[a] == pytest.approx(every[a], rel=0.05)
+    _, exact = search_alpha(terms, scales_for, GRID, quant, exhaustive=True)
+    assert exact[sub_best] <= exact[all_best] * (1 + TOLERANCE)
+
+
+def test_per_tensor_weights_score_every_channel():
+    """A per-tensor weight scale depends on every channel: no subset (the scores equal max_channels=None)."""
+    terms, scales_for = _wide_group(2)
+    quant = QUANTS[3]
+    assert search_alpha(terms, scales_for, GRID, quant)[1] == search_alpha(terms, scales_for, GRID, quant, max_channels=None)[1]
 
 
 def _relative_error(terms, scales_for, quant, alpha):
