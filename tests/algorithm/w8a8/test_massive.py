@@ -15,12 +15,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
+from tico.experimental.quantization.algorithm.w8a8 import massive
 from tico.experimental.quantization.algorithm.w8a8.massive import MassiveRowObserver, choose_activation_mode
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.nn.linear import W8A8Linear
+from tico.experimental.quantization.nn.qscheme import fake_quant_weight
 
 SINK, K, J = 0, 5, 7
 AFFECTED = "model.layers.0.mlp.down_proj"
@@ -154,6 +156,27 @@ def test_choice_is_static_for_ordinary_rows_and_dynamic_when_a_token_is_massive(
     assert held.mode == clipped.mode == "dynamic" and held.positions == [0]
 
 
+
+def test_wide_layers_are_scored_on_a_channel_subset(monkeypatch):
+    """More outputs than SCORE_CHANNELS: the ordinary rows' per-token relative errors come from a seeded subset of
+    output channels, within 10% of scoring every channel; the massive rows are scored on every channel."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 32, generator=gen)
+    x[:, 5] *= 30
+    m = x[:4].clone()
+    m[:, 3] = 400.0
+    w = torch.randn(3000, 32, generator=gen)
+    r = float(x.abs().max())
+    wq = fake_quant_weight(w)
+    sub = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, wq, BUDGET)
+    assert w.shape[0] > massive.SCORE_CHANNELS
+    monkeypatch.setattr(massive, "SCORE_CHANNELS", 10**6)
+    every = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, wq, BUDGET)
+    assert sub.mode == every.mode
+    for a, b in ((sub.static_error[0], every.static_error[0]), (sub.dynamic_error[0], every.dynamic_error[0])):
+        assert a != b and a == pytest.approx(b, rel=0.1)
+    assert (sub.static_error[1], sub.dynamic_error[1]) == (every.static_error[1], every.dynamic_error[1])
+
 def test_bad_budget_rejected():
     with pytest.raises(ValueError, match="dynamic_fallback"):
         W8A8Config(dynamic_fallback=0.5)
@@ -162,7 +185,6 @@ def test_bad_budget_rejected():
 def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
     """q/k/v (and gate/up) read one tensor and are served as one fused GEMM with one input quantization: when
     the per-layer choice makes only q_proj dynamic, its siblings follow, as the exported checkpoint is served."""
-    import tico.experimental.quantization.algorithm.w8a8.massive as massive
 
     real = massive.choose_activation_mode
     calls = []

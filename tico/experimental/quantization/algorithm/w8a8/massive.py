@@ -14,7 +14,8 @@ The choice is made per layer, not per token, and by measured error:
   positions in the sequence (:class:`MassiveRowObserver`): the massive tokens are rare, so a uniform sample
   would hold few of them or none;
 * convert measures each static layer's output error per token, ``||Q(x_i) Wq^T - x_i W^T||^2 / ||x_i W^T||^2``
-  averaged over rows, on the ordinary rows (the uniform sample) and on the largest rows separately, for the
+  averaged over rows (on the ordinary rows, at most :data:`SCORE_ROWS` of them and :data:`SCORE_CHANNELS` output
+  channels: seeded subsets), on the ordinary rows (the uniform sample) and on the largest rows separately, for the
   deployed static range and for dynamic per-token quantization (:func:`choose_activation_mode`);
 * a layer stays static when, on both row sets, its static error is within ``budget`` times the dynamic
   error; otherwise its activations become dynamic per-token (still int8 and exportable: compressed-tensors
@@ -38,6 +39,12 @@ MASSIVE_RATIO = 20.0  # a token whose abs-max exceeds this many median tokens' i
 # Ordinary rows scored per layer: the error is a mean of per-token ratios, which a seeded uniform subset of the
 # sample estimates well; scoring every sampled row cost most of convert (3 matmuls over 2048 rows per layer).
 SCORE_ROWS = 512
+# Output channels scored per layer on the ordinary rows (a seeded subset of wider layers): an ordinary token's
+# relative error is a ratio of two sums over the output channels, which a subset estimates well; the full products
+# of an MLP's 8192-14336 outputs cost most of the fallback decision on a 1B-8B model. The massive rows (<= keep)
+# are scored on every channel: their error sits in a few output channels (a subset halved one layer's ratio on
+# SmolLM2 and flipped its decision).
+SCORE_CHANNELS = 1024
 
 
 class MassiveRowObserver(SampledChannelObserver):
@@ -150,7 +157,6 @@ def choose_activation_mode(
         budget: how many times the dynamic per-token error a static layer may cost, on either row set.
     """
     x, m = sample.float(), massive_rows.float()
-    weight, weight_q = weight.float(), weight_q.float()
     token_max = x.abs().amax(dim=1)
     median = float(token_max.median()) if token_max.numel() else 0.0
     m_max = m.abs().amax(dim=1)
@@ -162,8 +168,13 @@ def choose_activation_mode(
     if x.shape[0] > SCORE_ROWS:  # seeded, not a prefix: the sample's order follows batches and positions
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:SCORE_ROWS]
         x = x[pick.to(x.device)]
+    weight, weight_q = weight.float(), weight_q.float()
+    w, wq = weight, weight_q
+    if weight.shape[0] > SCORE_CHANNELS:  # ordinary rows only: a massive row's error sits in a few output channels
+        keep = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(1))[:SCORE_CHANNELS].sort().values
+        w, wq = weight[keep.to(weight.device)], weight_q[keep.to(weight.device)]
     x_static, x_dynamic = _relative_errors(
-        [fake_quant_range(x, static_range), fake_quant_activation(x, "per_token")], x, weight, weight_q)
+        [fake_quant_range(x, static_range), fake_quant_activation(x, "per_token")], x, w, wq)
     m_static, m_dynamic = _relative_errors(
         [fake_quant_range(m, static_range), fake_quant_activation(m, "per_token")], m, weight, weight_q)
     static, dynamic = (x_static, m_static), (x_dynamic, m_dynamic)
