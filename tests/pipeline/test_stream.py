@@ -241,6 +241,15 @@ def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
     assert peaks[8] < peaks[2] + block // 4, (peaks, block)
 
 
+def test_freed_memory_goes_back_to_the_os_after_every_block(tmp_path, monkeypatch):
+    import tico.experimental.quantization.pipeline.stream as stream
+
+    calls = []
+    monkeypatch.setattr(stream, "trim_heap", lambda: calls.append(1) or True)
+    src = _save(build_model("llama"), tmp_path / "src")
+    result = quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), _batches("llama"), None)
+    assert len(calls) == result.blocks == 2
+
 def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
     src = _save(build_model("llama"), tmp_path / "src")
     config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", smooth_in_quantizer=True,

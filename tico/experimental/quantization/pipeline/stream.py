@@ -44,6 +44,7 @@ from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE,
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.pipeline.capture import BlockCall, capture_block_inputs, model_inputs, to_device
 from tico.experimental.quantization.pipeline.checkpoint import Checkpoint, find_blocks, resolve_checkpoint
+from tico.experimental.quantization.pipeline.heap import trim_heap
 from tico.experimental.quantization.pipeline.units import (
     BlockShell,
     BlockStub,
@@ -307,6 +308,7 @@ def quantize_checkpoint(
                 del quantizer  # its observers' samples and the float layers it replaced: not into the next block
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                trim_heap()  # the freed block back to the OS, not kept by malloc under the next block's peak
                 result.block_s.append(time.perf_counter() - t0)
                 if bar is not None:
                     bar.set_postfix_str(f"{result.block_s[-1]:.1f}s/block")
