@@ -250,6 +250,31 @@ def test_freed_memory_goes_back_to_the_os_after_every_block(tmp_path, monkeypatc
     result = quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), _batches("llama"), None)
     assert len(calls) == result.blocks == 2
 
+
+@pytest.mark.parametrize("as_dicts", [False, True])
+def test_each_block_is_probed_on_the_probe_tokens_not_a_calibration_batch(as_dicts, tmp_path, monkeypatch):
+    """prepare's traced forward costs a tenth of a block's calibration when it runs a whole batch: token-id
+    batches give each block the 8 probe tokens' own input and call; dict batches keep the first batch."""
+    import tico.experimental.quantization.pipeline.stream as stream
+    from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS
+
+    probed = []
+    real_prepare = stream.prepare
+
+    def prepare(unit, config, args=None, kwargs=None):
+        if args is not None:  # a block (the rest of the model is probed with kwargs)
+            probed.append(tuple(args[0].shape))
+        return real_prepare(unit, config, args=args, kwargs=kwargs)
+
+    monkeypatch.setattr(stream, "prepare", prepare)
+    src = _save(build_model("llama"), tmp_path / "src")
+    batches = _batches("llama")
+    if as_dicts:
+        batches = [{"input_ids": b} for b in batches]
+    quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), batches, None)
+    first = tuple(input_ids("llama", batch=2, seq=16, seed=0).shape)
+    assert [s[:2] for s in probed] == [first if as_dicts else (1, PROBE_TOKENS)] * 2
+
 def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
     src = _save(build_model("llama"), tmp_path / "src")
     config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", smooth_in_quantizer=True,
@@ -286,6 +311,7 @@ def test_vocabulary_matrices_are_never_loaded_whole(tied, tmp_path, monkeypatch)
     output, plan and report are those of the in-memory prepare/convert."""
     import tico.experimental.quantization.pipeline.checkpoint as checkpoint
     import tico.experimental.quantization.pipeline.vocab as vocab
+    from tico.experimental.quantization.algorithm.smoothquant.quantizer import probe_token_ids
     from tico.experimental.quantization.export.shards import StoredTensor
     from tico.experimental.quantization.public_interface import get_quantizer
 
@@ -319,7 +345,8 @@ def test_vocabulary_matrices_are_never_loaded_whole(tied, tmp_path, monkeypatch)
     batches = _batches("llama")
     result = quantize_checkpoint(src, EXPORTABLE, batches, tmp_path / "stream", propagate="float")
     assert loaded and not vocab_keys & set(loaded)
-    assert rows_read == [len(torch.unique(torch.cat([b.reshape(-1) for b in batches])))] and rows_read[0] < 3000
+    probe = probe_token_ids(3000)  # prepare's probe tokens are captured beside the batches
+    assert rows_read == [len(torch.unique(torch.cat([b.reshape(-1) for b in [*batches, probe]])))] and rows_read[0] < 3000
     assert max(chunk_rows) == 100 and sum(chunk_rows) == 3000 * (1 if tied else 2)
 
     _in_memory(src, EXPORTABLE, batches, tmp_path / "mem")

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS, probe_token_ids
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -271,17 +271,21 @@ def quantize_checkpoint(
     # 1. the blocks' inputs, from the parts before them (the input embedding: only the calibration tokens' rows;
     # the LM head: not at all)
     head, head_keys = untied_head(ckpt, model)
-    with gathered_embedding(ckpt, model, batches) as (gathered, gathered_keys):
+    probe = _probe_ids(model, batches)
+    captured_batches = batches if probe is None else [*batches, probe]
+    with gathered_embedding(ckpt, model, captured_batches) as (gathered, gathered_keys):
         skipped, skipped_keys = {*gathered, *head}, {*gathered_keys, *head_keys}
         ckpt.load([k for k in rest_keys if k not in skipped_keys], [n for n in rest_expected if n not in skipped])
         t0 = time.perf_counter()
-        captured = capture_block_inputs(model, block_list, batches)
+        captured = capture_block_inputs(model, block_list, captured_batches)
         result.capture_s = time.perf_counter() - t0
     _release_rest(model, blocks_path)
     memo: dict[int, Any] = {}
     hidden = [to_device(h, device, memo) for h in captured.hidden]
     calls = [[to_device(c, device, memo) for c in per_block] for per_block in captured.calls]
     del captured, memo
+    probe_hidden = None if probe is None else hidden.pop()  # the probe's own call per block, beside the batches'
+    probe_calls = [None if probe is None else per_block.pop() for per_block in calls]
     logger.info("captured %d calibration batch(es) at %d blocks of %s", len(batches), n_blocks, type(model).__name__)
 
     writer = ShardWriter(output_dir, max_shard_size) if output_dir is not None else None
@@ -297,12 +301,14 @@ def quantize_checkpoint(
             for i in range(n_blocks):
                 t0 = time.perf_counter()
                 phases: dict[str, float] = {}
-                hidden, returns_tuple, summary, quantizer = _process_block(
-                    ckpt, config, blocks_path, i, block_keys[i], hidden, calls[i], device, propagate, out, state_names, phases
+                probe_i = None if probe_hidden is None else (probe_hidden, probe_calls[i])
+                hidden, returns_tuple, summary, quantizer, probe_hidden = _process_block(
+                    ckpt, config, blocks_path, i, block_keys[i], hidden, calls[i], probe_i, device, propagate, out,
+                    state_names, phases
                 )
                 result.phases.append(phases)
                 block_list[i] = BlockStub(returns_tuple)
-                calls[i] = []
+                calls[i], probe_calls[i] = [], None
                 result.reports[f"{blocks_path}.{i}"] = summary
                 result.quantizers[f"{blocks_path}.{i}"] = UnitOutcome.of(quantizer)
                 del quantizer  # its observers' samples and the float layers it replaced: not into the next block
@@ -346,6 +352,19 @@ def quantize_checkpoint(
     return result
 
 
+def _probe_ids(model: nn.Module, batches: list[Batch]) -> torch.Tensor | None:
+    """The token ids of prepare's probe forward, as the in-memory ``prepare`` uses (:data:`PROBE_TOKENS` seeded
+    ids), captured beside the calibration batches so each block's probe has its own arguments (masks, rotary
+    tables): prepare then traces 8 tokens instead of a whole calibration batch (a tenth of a block's forward at
+    32x256 tokens in batches of 4). None (probe on the first batch) when the batches are not plain token ids."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return None
+    if not all(isinstance(b, torch.Tensor) and b.dtype in (torch.int64, torch.int32) for b in batches):
+        return None
+    return probe_token_ids(vocab).to(batches[0].device)
+
+
 class _NoWriter:
     def __enter__(self) -> None:
         return None
@@ -372,11 +391,14 @@ def _release_rest(model: nn.Module, blocks_path: str) -> None:
 @torch.no_grad()
 def _process_block(
     ckpt: Checkpoint, config: BaseConfig, blocks_path: str, i: int, keys: list[str], hidden: list[torch.Tensor],
-    calls: list[BlockCall], device: torch.device, propagate: Propagate, out: _Output, state_names: list[str],
-    phases: dict[str, float],
-) -> tuple[list[torch.Tensor], bool, str, Any]:
+    calls: list[BlockCall], probe: tuple[torch.Tensor, BlockCall] | None, device: torch.device, propagate: Propagate,
+    out: _Output, state_names: list[str], phases: dict[str, float],
+) -> tuple[list[torch.Tensor], bool, str, Any, torch.Tensor | None]:
     """Load -> prepare -> calibrate -> convert -> propagate -> write -> free one block (``phases``: seconds).
-    Returns the block's outputs, whether it returns a tuple, a one-line summary and its quantizer."""
+
+    ``probe``: the probe tokens' input and call for prepare's traced forward (None: the first batch's).
+    Returns the block's outputs, whether it returns a tuple, a one-line summary, its quantizer and the probe
+    tokens' output of the float block (the next block's probe input)."""
     clock = _Clock(phases, device)
     block_path = f"{blocks_path}.{i}"
     block = ckpt.model.get_submodule(block_path)
@@ -384,8 +406,10 @@ def _process_block(
     block.to(device)
     clock("load")
     shell = BlockShell(blocks_path, i, block)
-    prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(hidden[0], *calls[0].args),
-            kwargs=calls[0].kwargs if calls[0].hidden_key is None else {**calls[0].kwargs, calls[0].hidden_key: hidden[0]})
+    probe_h, probe_call = (hidden[0], calls[0]) if probe is None else probe
+    next_probe = None if probe is None else _hidden_of(probe_call(shell, probe_h)).detach()  # before any hook
+    prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(probe_h, *probe_call.args),
+            kwargs=probe_call.kwargs if probe_call.hidden_key is None else {**probe_call.kwargs, probe_call.hidden_key: probe_h})
     quantizer = get_quantizer(shell)  # convert detaches it: kept for the plan and report
     outputs, returns_tuple = [], False
     for h, call in zip(hidden, calls):
@@ -402,7 +426,7 @@ def _process_block(
     out.add(shell)
     Checkpoint.release(block)
     clock("write")
-    return outputs, returns_tuple, summary, quantizer
+    return outputs, returns_tuple, summary, quantizer, next_probe
 
 
 class _Clock:

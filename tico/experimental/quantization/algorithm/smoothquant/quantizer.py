@@ -69,8 +69,12 @@ def example_inputs(
             "for one forward: prepare(model, config, args=(example_input,)) or kwargs={...}"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-    return (), {"input_ids": ids.to(device)}
+    return (), {"input_ids": probe_token_ids(vocab).to(device)}
+
+
+def probe_token_ids(vocab: int) -> torch.Tensor:
+    """``[1, PROBE_TOKENS]`` seeded token ids below ``vocab``: the default probe input."""
+    return torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
 
 
 def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
