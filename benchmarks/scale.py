@@ -4,8 +4,9 @@
    hidden 2048, MLP 8192, 32 heads, 8 KV heads, 16 layers, vocab 128256, tied embeddings (~1.2B parameters,
    ~5 GB in fp32). Norm weights get a few outlier channels (x5..x10) so smoothing has work to do.
 2. The float baseline (one plain float forward over the calibration tokens, streamed block by block: compute
-   only) and, for each recipe, ``quantize_checkpoint`` of the same tokens each run in a fresh process, so each
-   peak RSS is its own (no memory left over from the other, e.g. freed but kept by the allocator).
+   only; run before and again after the recipes, the ratios use the mean of the two and print both) and, for
+   each recipe, ``quantize_checkpoint`` of the same tokens each run in a fresh process, so each peak RSS is its
+   own (no memory left over from the other, e.g. freed but kept by the allocator).
    Peak RSS is sampled from /proc/self/status (VmRSS, every 10 ms): for the whole quantization, per block (the
    first block's includes the capture of the blocks' inputs) and for the rest of the model (embeddings, final
    norm, LM head, publishing), plus ru_maxrss for the process. ``--same-process`` measures the quantization
@@ -229,7 +230,9 @@ def summarize(name: str, r: dict, shape: tuple[int, ...]) -> None:
           f"float forward {r['rss_float'] / gb:.2f} GB ({'same' if r.get('same_process') else 'own'} process)")
     print("  peak RSS per phase: " + ", ".join(f"block {i}{' (+capture)' if i == 0 else ''} {b / gb:.2f}"
                                             for i, b in enumerate(r["rss_blocks"])) + f", rest {r['rss_rest'] / gb:.2f} GB")
-    print(f"  float forward (compute) {r['float_forward_s']:.2f}s; quantization: capture {r['q_capture_s']:.2f}s, "
+    runs = r.get("float_runs_s")
+    spread = f" (mean of {', '.join(f'{t:.1f}s' for t in runs)}: before and after the recipes)" if runs else ""
+    print(f"  float forward (compute) {r['float_forward_s']:.2f}s{spread}; quantization: capture {r['q_capture_s']:.2f}s, "
           f"calibrate {r['q_calibrate_s']:.2f}s, convert {r['q_convert_s']:.2f}s, propagate {r['q_propagate_s']:.2f}s, "
           f"load {r['q_load_s']:.2f}s, write {r['q_write_s']:.2f}s, rest {r['q_rest_s']:.2f}s, total {r['q_total_s']:.2f}s")
     print(f"  (calibration + convert) / float forward = {calib / r['float_forward_s']:.2f}x; "
@@ -285,16 +288,25 @@ def main() -> None:
         build_checkpoint(ckpt, shape, depth, dtype)
         print(f"checkpoint {ckpt} ready in {time.perf_counter() - t:.1f}s")
         base = None if args.same_process else run_child(ckpt, "exportable", "float", args, work / f"out-float-{depth}")
+        done = {}
         for recipe in args.recipes.split(","):
             if depth != layers and recipe != "exportable":
                 continue
             if args.same_process:
                 r = {**run_child(ckpt, recipe, "both", args, work / f"out-{recipe}-{depth}"), "same_process": True}
+                summarize(f"{recipe}, {depth} layers, {args.samples}x{args.seq_len} tokens, {args.dtype}", r, shape)
             else:
-                q = run_child(ckpt, recipe, "quantize", args, work / f"out-{recipe}-{depth}")
-                r = {**q, **{k: v for k, v in base.items() if k.startswith("float_")}, "rss_float": base["rss_float"]}
-            results[(recipe, depth)] = r
-            summarize(f"{recipe}, {depth} layers, {args.samples}x{args.seq_len} tokens, {args.dtype}", r, shape)
+                r = run_child(ckpt, recipe, "quantize", args, work / f"out-{recipe}-{depth}")
+            done[recipe] = results[(recipe, depth)] = r
+        if not args.same_process:
+            # the float forward again after the recipes: a shared machine's speed drifts (one float run measured
+            # 125 s, the next 147 s), so the ratios use the mean of the two and print both
+            again = run_child(ckpt, "exportable", "float", args, work / f"out-float-{depth}")
+            floats = {k: (base[k] + again[k]) / 2 for k in base if k.startswith("float_")}
+            floats["float_runs_s"] = [base["float_forward_s"], again["float_forward_s"]]
+            for recipe, r in done.items():
+                r.update(floats, rss_float=max(base["rss_float"], again["rss_float"]))
+                summarize(f"{recipe}, {depth} layers, {args.samples}x{args.seq_len} tokens, {args.dtype}", r, shape)
     if args.depth_check:
         a, b = results[("exportable", layers)]["rss_quantize"], results[("exportable", 2 * layers)]["rss_quantize"]
         print(f"\npeak RSS {layers} -> {2 * layers} layers: {a / 1024**3:.2f} -> {b / 1024**3:.2f} GB ({(b / a - 1) * 100:+.1f}%, target <= +10%)")
