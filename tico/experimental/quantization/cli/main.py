@@ -50,8 +50,9 @@ checkpoint; smoothquant_recipe.json holds the smoothing scales.
 
 expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) about 20 s
 (19-24 s measured on a busy machine); the model is streamed block by block with a bar over the blocks (time
-per block). Time grows with model size x --samples x --seq-len, about 2-2.5x one float forward over the
-calibration tokens with --alpha auto (a fixed --alpha such as 0.5 skips the search).
+per block). Time grows with model size x --samples x --seq-len: at Llama-3.2-1B's shapes about 1.2-1.5x one
+float forward over the calibration tokens (about 13 s per block), 2-3x on tiny models (a fixed --alpha such as
+0.5 skips the search).
 
 examples:
   tico-sq quantize --model ../shared/data/stories260K-hf \\
