@@ -22,7 +22,6 @@ from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.nn.linear import W8A8Linear
-from tico.experimental.quantization.nn.qscheme import fake_quant_weight
 
 SINK, K, J = 0, 5, 7
 AFFECTED = "model.layers.0.mlp.down_proj"
@@ -147,15 +146,39 @@ def test_choice_is_static_for_ordinary_rows_and_dynamic_when_a_token_is_massive(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 32, generator=gen)
     w = torch.randn(16, 32, generator=gen)
-    ordinary = choose_activation_mode(x, x[:4], torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, w, BUDGET)
+    ordinary = choose_activation_mode(x, x[:4], torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, BUDGET)
     assert ordinary.mode == "static" and ordinary.positions == []
     m = x[:4].clone()
     m[:, 3] = 2000.0  # a token no per-tensor scale can hold together with the others
-    held = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), 2000.0, w, w, BUDGET)
-    clipped = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, w, BUDGET)
+    held = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), 2000.0, w, BUDGET)
+    clipped = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), float(x.abs().max()), w, BUDGET)
     assert held.mode == clipped.mode == "dynamic" and held.positions == [0]
 
 
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_errors_are_those_of_the_deployed_fake_quantized_product(granularity):
+    """The int8 x int8 -> int32 scoring reproduces the fake-quant fp32 reference ||Qa(x) Qw(W)^T - x W^T||^2 /
+    ||x W^T||^2, per token then averaged, for the static range and per-token dynamic."""
+    from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range, fake_quant_weight
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 48, generator=gen)
+    x[:, 7] *= 25
+    m = x[:3] * 40
+    w = torch.randn(40, 48, generator=gen)
+    r = float(x.abs().max()) * 0.5  # clips: the static error is not tiny
+    choice = choose_activation_mode(x, m, torch.zeros(3, dtype=torch.long), r, w, BUDGET, granularity)
+    wq = fake_quant_weight(w, granularity)
+
+    def reference(rows, xq):
+        ref = rows @ w.T
+        return float(((xq @ wq.T - ref).pow(2).sum(1) / ref.pow(2).sum(1)).mean())
+
+    expected = [reference(x, fake_quant_range(x, r)), reference(m, fake_quant_range(m, r)),
+                reference(x, fake_quant_activation(x, "per_token")), reference(m, fake_quant_activation(m, "per_token"))]
+    got = [*choice.static_error, *choice.dynamic_error]
+    assert got == pytest.approx(expected, rel=1e-4)
 
 def test_wide_layers_are_scored_on_a_channel_subset(monkeypatch):
     """More outputs than SCORE_CHANNELS: the ordinary rows' per-token relative errors come from a seeded subset of
@@ -167,11 +190,10 @@ def test_wide_layers_are_scored_on_a_channel_subset(monkeypatch):
     m[:, 3] = 400.0
     w = torch.randn(3000, 32, generator=gen)
     r = float(x.abs().max())
-    wq = fake_quant_weight(w)
-    sub = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, wq, BUDGET)
+    sub = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, BUDGET)
     assert w.shape[0] > massive.SCORE_CHANNELS
     monkeypatch.setattr(massive, "SCORE_CHANNELS", 10**6)
-    every = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, wq, BUDGET)
+    every = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, BUDGET)
     assert sub.mode == every.mode
     for a, b in ((sub.static_error[0], every.static_error[0]), (sub.dynamic_error[0], every.dynamic_error[0])):
         assert a != b and a == pytest.approx(b, rel=0.1)

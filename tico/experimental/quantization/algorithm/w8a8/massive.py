@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
-from tico.experimental.quantization.nn.qscheme import fake_quant_activation, fake_quant_range
+from tico.experimental.quantization.nn.kernels import int8_matmul
+from tico.experimental.quantization.nn.qscheme import quantize_per_tensor, quantize_per_token, quantize_weight, range_to_scale
 
 logger = logging.getLogger(__name__)
 
@@ -120,21 +121,27 @@ class LayerChoice:
                 f"{self.dynamic_error[0]:.2e}/{self.dynamic_error[1]:.2e} on ordinary/massive rows)")
 
 
-def _relative_errors(
-    quantized: list[torch.Tensor], x: torch.Tensor, weight: torch.Tensor, weight_q: torch.Tensor
-) -> list[float]:
-    """For each ``xq`` of ``quantized``: mean over rows of ``||xq_i Wq^T - x_i W^T||^2 / ||x_i W^T||^2``, every
-    token counting by its *own* error (the float output ``x W^T`` is computed once for all of them).
+def _relative_errors(x: torch.Tensor, static_range: float, weight: torch.Tensor, qw: torch.Tensor,
+                     sw: torch.Tensor) -> tuple[float, float]:
+    """Static (range ``static_range``) and dynamic per-token: mean over the rows of ``x`` of
+    ``||Qa(x_i) Qw(W)^T - x_i W^T||^2 / ||x_i W^T||^2``, every token counting by its *own* error. ``Qa(x) Qw(W)^T``
+    is the exact int8 x int8 -> int32 product of the codes (``qw``, scales ``sw``), then the two scales.
 
     A pooled ratio ``sum err / sum ref`` would be dominated by the massive rows' output energy and hide a
     scale that leaves the ordinary tokens a handful of int8 levels (measured: pooled 1e-3 for a layer that alone
     took a model's KL from 1e-4 to 0.3).
     """
     if x.shape[0] == 0:
-        return [0.0 for _ in quantized]
+        return 0.0, 0.0
     ref = x @ weight.T
     energy = ref.pow(2).sum(dim=1).clamp_min(1e-30)
-    return [float(((xq @ weight_q.T - ref).pow(2).sum(dim=1) / energy).mean()) for xq in quantized]
+    scale = range_to_scale(static_range)
+    codes = [(quantize_per_tensor(x, scale), torch.tensor(scale, device=x.device)), quantize_per_token(x)]
+    errors = []
+    for q, sx in codes:
+        out = int8_matmul(q, qw).float().mul_(sx).mul_(sw.reshape(1, -1))
+        errors.append(float((out.sub_(ref).pow_(2).sum(dim=1) / energy).mean()))
+    return errors[0], errors[1]
 
 
 def choose_activation_mode(
@@ -143,8 +150,8 @@ def choose_activation_mode(
     massive_positions: torch.Tensor,
     static_range: float,
     weight: torch.Tensor,
-    weight_q: torch.Tensor,
     budget: float,
+    weight_granularity: str = "per_channel",
 ) -> LayerChoice:
     """Static or dynamic per-token activations for one layer, whichever the measured output error allows.
 
@@ -153,7 +160,7 @@ def choose_activation_mode(
         massive_rows: the (smoothed) rows with the largest abs-max over all calibration data.
         massive_positions: their sequence positions.
         static_range: the range the deployed static scale would have (``scale = range / 127``).
-        weight: the layer's (smoothed) ``[out, in]`` float weight; ``weight_q`` its deployed int8 dequantized.
+        weight: the layer's (smoothed) ``[out, in]`` float weight, quantized as deployed (``weight_granularity``).
         budget: how many times the dynamic per-token error a static layer may cost, on either row set.
     """
     x, m = sample.float(), massive_rows.float()
@@ -168,15 +175,15 @@ def choose_activation_mode(
     if x.shape[0] > SCORE_ROWS:  # seeded, not a prefix: the sample's order follows batches and positions
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:SCORE_ROWS]
         x = x[pick.to(x.device)]
-    weight, weight_q = weight.float(), weight_q.float()
-    w, wq = weight, weight_q
+    weight = weight.float()
+    qw, sw = quantize_weight(weight, weight_granularity)  # type: ignore[arg-type]
+    w, qw_x, sw_x = weight, qw, sw
     if weight.shape[0] > SCORE_CHANNELS:  # ordinary rows only: a massive row's error sits in a few output channels
         keep = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(1))[:SCORE_CHANNELS].sort().values
-        w, wq = weight[keep.to(weight.device)], weight_q[keep.to(weight.device)]
-    x_static, x_dynamic = _relative_errors(
-        [fake_quant_range(x, static_range), fake_quant_activation(x, "per_token")], x, w, wq)
-    m_static, m_dynamic = _relative_errors(
-        [fake_quant_range(m, static_range), fake_quant_activation(m, "per_token")], m, weight, weight_q)
+        keep = keep.to(weight.device)
+        w, qw_x, sw_x = weight[keep], qw[keep], sw[keep] if sw.numel() > 1 else sw
+    x_static, x_dynamic = _relative_errors(x, static_range, w, qw_x, sw_x)
+    m_static, m_dynamic = _relative_errors(m, static_range, weight, qw, sw)
     static, dynamic = (x_static, m_static), (x_dynamic, m_dynamic)
     keep_static = all(s <= budget * d for s, d in zip(static, dynamic))
     return LayerChoice("static" if keep_static else "dynamic", ratio, positions, static, dynamic)

@@ -493,7 +493,7 @@ class W8A8Quantizer(BaseQuantizer):
             rows = rows / divisor.to(rows.device)
         weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
         choice = massive.choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight,
-                                                quant.quantize_weight(weight), self.config.dynamic_fallback)
+                                                self.config.dynamic_fallback, quant.weights)
         report.act_modes[name] = choice.describe()
         if choice.mode == "dynamic":
             report.act_ranges.pop(name, None)
