@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS, probe_token_ids
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS, probe_token_ids, vocab_size
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -357,8 +357,8 @@ def _probe_ids(model: nn.Module, batches: list[Batch]) -> torch.Tensor | None:
     ids), captured beside the calibration batches so each block's probe has its own arguments (masks, rotary
     tables): prepare then traces 8 tokens instead of a whole calibration batch (a tenth of a block's forward at
     32x256 tokens in batches of 4). None (probe on the first batch) when the batches are not plain token ids."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int) or vocab <= 0:
+    vocab = vocab_size(model)
+    if vocab is None:
         return None
     if not all(isinstance(b, torch.Tensor) and b.dtype in (torch.int64, torch.int32) for b in batches):
         return None

@@ -62,14 +62,20 @@ def example_inputs(
     """The inputs of the probe forward: the caller's, or a few token ids for a model with ``config.vocab_size``."""
     if args is not None or kwargs is not None:
         return tuple(args or ()), dict(kwargs or {})
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int) or vocab <= 0:
+    vocab = vocab_size(model)
+    if vocab is None:
         raise ValueError(
             f"{type(model).__name__} has no config.vocab_size to build probe token ids from; pass example inputs "
             "for one forward: prepare(model, config, args=(example_input,)) or kwargs={...}"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return (), {"input_ids": probe_token_ids(vocab).to(device)}
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """``model.config.vocab_size`` when it is a positive int (None otherwise)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
 def probe_token_ids(vocab: int) -> torch.Tensor:

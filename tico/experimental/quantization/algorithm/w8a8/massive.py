@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
-from tico.experimental.quantization.nn.kernels import int8_matmul
-from tico.experimental.quantization.nn.qscheme import quantize_per_tensor, quantize_per_token, quantize_weight, range_to_scale
+from tico.experimental.quantization.algorithm.w8a8.search import int8_product, static_codes
+from tico.experimental.quantization.nn.qscheme import quantize_per_token, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,9 @@ def _relative_errors(x: torch.Tensor, static_range: float, weight: torch.Tensor,
         return 0.0, 0.0
     ref = x @ weight.T
     energy = ref.pow(2).sum(dim=1).clamp_min(1e-30)
-    scale = range_to_scale(static_range)
-    codes = [(quantize_per_tensor(x, scale), torch.tensor(scale, device=x.device)), quantize_per_token(x)]
     errors = []
-    for q, sx in codes:
-        out = int8_matmul(q, qw).float().mul_(sx).mul_(sw.reshape(1, -1))
+    for q, sx in (static_codes(x, static_range), quantize_per_token(x)):
+        out = int8_product(q, sx, qw, sw)
         errors.append(float((out.sub_(ref).pow_(2).sum(dim=1) / energy).mean()))
     return errors[0], errors[1]
 

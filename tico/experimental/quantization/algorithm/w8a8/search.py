@@ -218,18 +218,18 @@ class _Input:
         if quant.activations == "static" and quant.act_range == "output_mse":  # the range depends on each weight
             for w, ref, rw, f in zip(self.weights, view.refs, view.term_weights, self.factors):
                 ws = w * s
-                qx, sx = _static_codes(x, quant.static_range(x, absmax, ws))
+                qx, sx = static_codes(x, quant.static_range(x, absmax, ws))
                 err += f * _weighted(_int_output(qx, sx, ws, quant).sub_(ref), rw)
             return err
         if quant.activations == "dynamic":
             qx, sx = quantize_per_token(x)
         elif quant.act_range == "mse":  # the deployed range, from the whole sample's sketch
-            qx, sx = _static_codes(x, view.sketch().scaled(s).mse_clip(float(absmax.max())))
+            qx, sx = static_codes(x, view.sketch().scaled(s).mse_clip(float(absmax.max())))
         else:  # the deployed range comes from the whole sample, not only the scored rows
             full = None
             if quant.act_range != "absmax" and self.sample.numel() > x.numel():
                 full = self.sample.reshape(-1, s.numel()) / s
-            qx, sx = _static_codes(x, quant.static_range(x if full is None else full, absmax))
+            qx, sx = static_codes(x, quant.static_range(x if full is None else full, absmax))
         for w, ref, rw, f in zip(self.weights, view.refs, view.term_weights, self.factors):
             err += f * _weighted(_int_output(qx, sx, w * s, quant).sub_(ref), rw)
         return err
@@ -266,7 +266,7 @@ def _weighted(diff: torch.Tensor, row_weights: torch.Tensor | None) -> float:
     return float(per_row.sum() if row_weights is None else per_row @ row_weights)
 
 
-def _static_codes(x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+def static_codes(x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and scale of the static per-tensor quantization of ``x`` with range ``r`` (the integers of
     :func:`fake_quant_range`)."""
     scale = range_to_scale(r)
@@ -274,9 +274,15 @@ def _static_codes(x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _int_output(qx: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, quant: DeployedQuant) -> torch.Tensor:
-    """``Qa(x) Qw(w)^T`` in fp32 from the activation codes ``qx`` (scale ``sx``: ``[]`` or ``[rows, 1]``): one
-    exact int8 x int8 -> int32 product (2-4x cheaper than the fp32 one on CPU), then the two scales."""
+    """``Qa(x) Qw(w)^T`` in fp32 from the activation codes ``qx`` (scale ``sx``) and the float weight ``w``."""
     qw, sw = quantize_weight(w, quant.weights)  # type: ignore[arg-type]
+    return int8_product(qx, sx, qw, sw)
+
+
+def int8_product(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """``Qa(x) Qw(w)^T`` in fp32 from the codes ``qx`` (scale ``sx``: ``[]`` or ``[rows, 1]``) and ``qw`` (scale
+    ``sw``: ``[out, 1]`` or ``[1]``): one exact int8 x int8 -> int32 product (2-4x cheaper than the fp32 one on
+    CPU), then the two scales."""
     out = int8_matmul(qx, qw).float()
     if sx.numel() == 1:  # static: one pass with the product of the two scales
         return out.mul_(sw.reshape(1, -1) * sx)
