@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
@@ -184,7 +185,54 @@ def test_quantize_attention_inputs(tmp_path):
     assert not any("tico" in k for k in q.state_dict())
 
 
+class _OwnAttention(nn.Module):
+    """An attention block that computes softmax(q k^T) v itself and never calls transformers' interface."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+
+class _OwnAttentionModel(nn.Module):
+    """A model with a Hugging Face config (so an attention implementation to switch) but its own attention.
+
+    ``switchable`` gives it a ``set_attn_implementation`` that accepts any name, as a model would that lists the
+    interface but does not route this module through it: only the calibration check can catch that one.
+    """
+
+    def __init__(self, switchable: bool):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.config._attn_implementation = "eager"
+        self.attn = _OwnAttention()
+        if switchable:
+            self.set_attn_implementation = lambda name: setattr(self.config, "_attn_implementation", name)
+
+    def forward(self, x):
+        return self.attn(x)
+
+
 def test_quantize_attention_refused_where_attention_is_not_reachable():
-    model = build_model("falcon_new")
+    model = _OwnAttentionModel(switchable=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="AttentionInterface"):
-        prepare(model, W8A8Config(quantize_attention=True))
+        prepare(model, W8A8Config(quantize_attention=True), args=(torch.randn(2, 4, 16),))
+    assert model.config._attn_implementation == "eager"
+    assert not hasattr(model.attn, "_tico_attention_quant")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_quantize_attention_that_never_sees_its_inputs_is_refused_at_convert():
+    x = torch.randn(2, 4, 16)
+    model = prepare(_OwnAttentionModel(switchable=True), W8A8Config(quantize_attention=True, activations="static"),
+                    args=(x,))
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(ValueError, match="attention inputs never observed"):
+        convert(model)
