@@ -65,11 +65,21 @@ def install_block() -> list[str]:
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
-def test_install_block_puts_cpu_torch_first():
+def test_install_block_pins_torch_first_and_installs_the_tested_versions():
     commands = install_block()
     torch_at = next(i for i, c in enumerate(commands) if c.startswith("pip install torch"))
     project_at = next(i for i, c in enumerate(commands) if "-e '.[test]'" in c)
-    assert torch_at < project_at and "whl/cpu" in commands[torch_at]
+    tested = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    assert torch_at < project_at and f"torch=={tested['torch']}" in commands[torch_at].split()
+    assert "-c constraints.txt" in commands[project_at]
+
+
+def test_ci_latest_installs_without_the_constraints():
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--latest", "--print-install"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0 and "constraints.txt" not in result.stdout and "-e '.[test]'" in result.stdout
+    assert subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--bogus"], capture_output=True, cwd=ROOT).returncode == 2
 
 
 def test_ci_runs_the_readme_install_block_and_fails_without_tests(tmp_path):
