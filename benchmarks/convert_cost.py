@@ -33,7 +33,7 @@ from accuracy import outlier_llama  # noqa: E402  (the same seeded builder, wide
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
-from tico.experimental.quantization.schemes import build_config
+from tico.experimental.quantization.run.schemes import build_config
 
 
 def recipes(backend: str) -> dict[str, W8A8Config]:

@@ -41,11 +41,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
-from tico.experimental.quantization.algorithm.w8a8.massive import MASSIVE_RATIO
+from tico.experimental.quantization.algorithm.w8a8.dynamic_fallback import MASSIVE_RATIO
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.data import calibration_windows, read_text, token_windows
-from tico.experimental.quantization.workflow import apply_rotations
+from tico.experimental.quantization.run.workflow import apply_rotations
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

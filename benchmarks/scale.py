@@ -132,7 +132,8 @@ class RssSampler:
 def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, float]:
     """One plain float forward over ``batches``, streamed block by block; compute time only (not loading)."""
     from tico.experimental.quantization.pipeline.capture import capture_block_inputs
-    from tico.experimental.quantization.pipeline.checkpoint import Checkpoint, find_blocks
+    from tico.experimental.quantization.pipeline.source import Checkpoint
+    from tico.experimental.quantization.structure.blocks import find_blocks
     from tico.experimental.quantization.pipeline.stream import _release_rest
 
     ckpt = Checkpoint(ckpt_dir)

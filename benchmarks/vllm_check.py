@@ -277,7 +277,7 @@ def model_recipes() -> dict[str, Any]:
     """What ``tico-sq quantize --scheme w8a8-static`` / ``w8a8-dynamic`` apply with no further option (the
     schemes' defaults: auto alpha, linear producers, MSE ranges; for static also ``dynamic_fallback=16`` and
     ``block_objective``), so the served figures are those of the default recipes."""
-    from tico.experimental.quantization.schemes import build_config
+    from tico.experimental.quantization.run.schemes import build_config
 
     return {"static": build_config("w8a8-static"), "dynamic": build_config("w8a8-dynamic")}
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from tico.experimental.quantization.calibration import quantize_model
+from tico.experimental.quantization.run.calibration import quantize_model
 from tico.experimental.quantization.evaluation import perplexity, read_text
-from tico.experimental.quantization.loading import load_model, load_tokenizer
-from tico.experimental.quantization.schemes import build_config
-from tico.experimental.quantization.workflow import calibration_set, run_metadata, save_quantized
+from tico.experimental.quantization.run.loading import load_model, load_tokenizer
+from tico.experimental.quantization.run.schemes import build_config
+from tico.experimental.quantization.run.workflow import calibration_set, run_metadata, save_quantized
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_MODEL = SHARED / "stories260K-hf"

@@ -256,7 +256,7 @@ def test_pickle_only_model_is_refused_with_the_reason_and_the_fix(text_file, tmp
 @pytest.mark.parametrize("streaming", [True, False])
 def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(streaming, tiny_model_dir, text_file, tmp_path, capsys,
                                                                monkeypatch):
-    from tico.experimental.quantization import calibration
+    from tico.experimental.quantization.run import calibration
     from tico.experimental.quantization.pipeline import stream
 
     def interrupted(*args, **kwargs):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tico.experimental.quantization.checkpoint import OutputError, check_output, write_atomically
-from tico.experimental.quantization.loading import InputError, load_text, max_positions
+from tico.experimental.quantization.export.publish import OutputError, check_output, write_atomically
+from tico.experimental.quantization.run.loading import InputError, load_text, max_positions
 from tico.experimental.quantization.progress import progress_callback, stage, track
 
 
@@ -62,7 +62,7 @@ def test_max_positions_reads_the_usual_config_keys():
 
 
 def test_static_scheme_defaults_to_measured_fallback_and_block_choice_and_each_can_be_turned_off():
-    from tico.experimental.quantization.schemes import build_config
+    from tico.experimental.quantization.run.schemes import build_config
 
     static = build_config("w8a8-static")
     assert static.dynamic_fallback == 16.0 and static.block_objective

@@ -309,7 +309,7 @@ def test_vocabulary_matrices_are_never_loaded_whole(tied, tmp_path, monkeypatch)
     """The input embedding gives the blocks' inputs from the calibration tokens' rows only, and the LM head /
     embeddings are copied to the output in row ranges: no tensor of vocabulary rows is ever read whole, and the
     output, plan and report are those of the in-memory prepare/convert."""
-    import tico.experimental.quantization.pipeline.checkpoint as checkpoint
+    import tico.experimental.quantization.pipeline.source as checkpoint
     import tico.experimental.quantization.pipeline.vocab as vocab
     from tico.experimental.quantization.algorithm.smoothquant.quantizer import probe_token_ids
     from tico.experimental.quantization.export.shards import StoredTensor

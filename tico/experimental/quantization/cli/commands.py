@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tico.experimental.quantization.cli.display import out, show_progress
-from tico.experimental.quantization.cli.main import EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError
+from tico.experimental.quantization.cli.errors import EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _library_errors() -> Iterator[None]:
-    from tico.experimental.quantization.checkpoint import OutputError
-    from tico.experimental.quantization.loading import InputError
+    from tico.experimental.quantization.export.publish import OutputError
+    from tico.experimental.quantization.run.loading import InputError
     from tico.experimental.quantization.quantizer import QuantizationError
 
     try:
@@ -52,7 +52,7 @@ def _check_device(device: str) -> None:
 
 def _model_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The model's config (exit 3 if unreadable), with --seq-len checked against its position limit (exit 2)."""
-    from tico.experimental.quantization.loading import max_positions, model_config
+    from tico.experimental.quantization.run.loading import max_positions, model_config
 
     config = model_config(name, args.trust_remote_code)
     limit = max_positions(config)
@@ -73,7 +73,7 @@ def _source(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _text(args: argparse.Namespace) -> str:
-    from tico.experimental.quantization.loading import load_text
+    from tico.experimental.quantization.run.loading import load_text
 
     return load_text(args.dataset, args.dataset_config, args.split, args.text_column)
 
@@ -84,10 +84,10 @@ def _too_short(args: argparse.Namespace, exc: ValueError, what: str) -> CliError
 
 # -- quantize -------------------------------------------------------------------------------------------------
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tico.experimental.quantization.checkpoint import check_output
-    from tico.experimental.quantization.loading import load_tokenizer
-    from tico.experimental.quantization.schemes import DEFAULT_ALPHA, build_config
-    from tico.experimental.quantization.workflow import calibration_set, quantize_to_folder
+    from tico.experimental.quantization.export.publish import check_output
+    from tico.experimental.quantization.run.loading import load_tokenizer
+    from tico.experimental.quantization.run.schemes import DEFAULT_ALPHA, build_config
+    from tico.experimental.quantization.run.workflow import calibration_set, quantize_to_folder
 
     start = time.perf_counter()
     config = _build_config(args, build_config)
@@ -151,9 +151,9 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
 
 # -- eval -----------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tico.experimental.quantization.checkpoint import read_run_metadata
+    from tico.experimental.quantization.export.publish import read_run_metadata
     from tico.experimental.quantization.evaluation import perplexity, tokenize_text
-    from tico.experimental.quantization.loading import load_model, load_tokenizer
+    from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 
     _check_device(args.device)
     names = [("model", args.model)] + ([("reference", args.reference)] if args.reference else [])
@@ -201,12 +201,12 @@ def _eval_start(args: argparse.Namespace, metadata: dict[str, Any] | None) -> tu
 
 # -- report ---------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from tico.experimental.quantization.calibration import quantize_model
-    from tico.experimental.quantization.checkpoint import check_output, write_atomically
+    from tico.experimental.quantization.run.calibration import quantize_model
+    from tico.experimental.quantization.export.publish import check_output, write_atomically
     from tico.experimental.quantization.evaluation.outliers import quantizer_report, write_report
-    from tico.experimental.quantization.loading import load_model, load_tokenizer
-    from tico.experimental.quantization.schemes import build_config
-    from tico.experimental.quantization.workflow import calibration_set
+    from tico.experimental.quantization.run.loading import load_model, load_tokenizer
+    from tico.experimental.quantization.run.schemes import build_config
+    from tico.experimental.quantization.run.workflow import calibration_set
 
     config = _build_config(args, build_config)
     try:
@@ -234,13 +234,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 # -- demo -----------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end: prepare -> calibrate -> convert -> W8A8 -> a fidelity table, offline by default."""
-    from tico.experimental.quantization.calibration import quantize_model
+    from tico.experimental.quantization.run.calibration import quantize_model
     from tico.experimental.quantization.evaluation.compare import compare_to_reference
     from tico.experimental.quantization.evaluation.data import token_windows
-    from tico.experimental.quantization.loading import (
+    from tico.experimental.quantization.run.loading import (
         embedded_demo_model, embedded_demo_text, is_causal_lm, load_model, load_tokenizer)
     from tico.experimental.quantization.progress import stage
-    from tico.experimental.quantization.schemes import demo_recipes
+    from tico.experimental.quantization.run.schemes import demo_recipes
 
     _check_device(args.device)
     name = args.model or embedded_demo_model()

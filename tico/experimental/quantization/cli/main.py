@@ -13,7 +13,9 @@ from typing import NoReturn, Sequence
 
 __all__ = ["main", "build_parser", "CliError", "EXIT_ARGS", "EXIT_LOAD", "EXIT_OUTPUT", "EXIT_QUANT", "EXIT_INTERRUPT"]
 
-EXIT_BUG, EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, EXIT_INTERRUPT = 1, 2, 3, 4, 5, 130
+from tico.experimental.quantization.cli.errors import (  # noqa: F401 - re-exported
+    EXIT_ARGS, EXIT_BUG, EXIT_INTERRUPT, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError,
+)
 
 SCHEME_HELP = {
     "smooth": "smoothing only: a float model with changed weights and unchanged outputs (save_pretrained folder)",
@@ -100,14 +102,6 @@ examples:
   tico-sq demo --model ../shared/data/stories260K-hf \\
       --dataset ../shared/data/tinystories/validation_head.txt --seq-len 256
 """
-
-
-class CliError(Exception):
-    """An error the command line reports as one line, with its exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):

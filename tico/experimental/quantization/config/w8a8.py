@@ -81,7 +81,7 @@ class W8A8Config(BaseConfig):
             block's on the first ``block_objective_tokens`` calibration tokens, between the searched smoothing
             and no smoothing for that block's groups (each fully planned: ranges, ``dynamic_fallback``); every
             choice and its errors are in ``report.block_choices``. Needs ``smoothing``; see
-            :mod:`tico.experimental.quantization.algorithm.w8a8.block_choice`.
+            :mod:`tico.experimental.quantization.algorithm.w8a8.block_objective`.
         block_objective_alphas: more ``block_objective`` candidates: each alpha, for all of a block's switchable
             groups (e.g. ``(0.5,)``); each costs one more planning of those layers and one more trial forward per
             block.

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from tico.experimental.quantization.export import transforms
+from tico.experimental.quantization.export.fusion import mixed_fused_groups
+from tico.experimental.quantization.export.layers import w8a8_layers
 from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, read_tensors, safetensors_files
 from tico.experimental.quantization.nn.embedding import Int8Embedding
 from tico.experimental.quantization.nn.linear import W8A8Linear
@@ -64,14 +66,6 @@ def build_quantization_config(schemes: dict[str, Scheme], ignore: Iterable[str])
         ignore=list(ignore),
     )
     return config.model_dump(mode="json", exclude_none=True)
-
-
-def w8a8_layers(model: nn.Module) -> dict[str, W8A8Linear]:
-    """Every int8 layer by its checkpoint name: the layer behind an exportable online rotation takes the rotation's
-    name (``<name>.inner`` -> ``<name>``), so the checkpoint has the model's own module names."""
-    online, _ = transforms.online_layers(model)
-    inner = {id(m.inner): name for name, m in online.items()}
-    return {inner.get(id(m), n): m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
@@ -142,7 +136,7 @@ def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = ""
 def warn_mixed_fused(model: nn.Module) -> list[list[str]]:
     """Warn (and return them) about layer groups vLLM fuses into one GEMM whose activation schemes differ: vLLM
     would run them with one scheme, not as ``load_compressed`` does (see :mod:`.fusion`)."""
-    from tico.experimental.quantization.export.fusion import mixed_fused_groups
+
 
     mixed = mixed_fused_groups(w8a8_layers(model))
     if mixed:

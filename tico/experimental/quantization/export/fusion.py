@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import nn
 
+from tico.experimental.quantization.export.layers import w8a8_layers
 from tico.experimental.quantization.nn.linear import W8A8Linear
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ def unify_fused_activations(model: nn.Module) -> dict[str, str]:
 
     Returns ``{layer name: what changed}`` (empty when every group already agrees).
     """
-    from tico.experimental.quantization.export.compressed_tensors import w8a8_layers
 
     layers = w8a8_layers(model)
     changed: dict[str, str] = {}

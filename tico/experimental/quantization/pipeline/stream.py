@@ -43,7 +43,8 @@ from tico.experimental.quantization.export.compressed_tensors import (
 from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.pipeline.capture import BlockCall, capture_block_inputs, model_inputs, to_device
-from tico.experimental.quantization.pipeline.checkpoint import Checkpoint, find_blocks, resolve_checkpoint
+from tico.experimental.quantization.pipeline.source import Checkpoint, resolve_checkpoint
+from tico.experimental.quantization.structure.blocks import find_blocks
 from tico.experimental.quantization.pipeline.heap import trim_heap
 from tico.experimental.quantization.pipeline.units import (
     BlockShell,

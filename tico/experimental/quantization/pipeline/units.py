@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
+from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
-from tico.experimental.quantization.names import within
+from tico.experimental.quantization.structure.blocks import BLOCKS_ATTR
+from tico.experimental.quantization.structure.names import within
 
 
 class BlockShell(nn.Module):
@@ -34,7 +35,7 @@ class BlockShell(nn.Module):
             parent = child
         parent.add_module(str(index), block)
         self.target = f"{path}.{index}"
-        self.tico_decoder_blocks = (self.target,)  # see algorithm.w8a8.block_choice.decoder_blocks
+        setattr(self, BLOCKS_ATTR, (self.target,))  # see structure.blocks.decoder_blocks
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_submodule(self.target)(*args, **kwargs)

@@ -18,12 +18,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
+from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.export.shards import StoredTensor
-from tico.experimental.quantization.pipeline.checkpoint import Checkpoint
-from tico.experimental.quantization.names import within
+from tico.experimental.quantization.pipeline.source import Checkpoint
+from tico.experimental.quantization.structure.names import within
 
 
 COPY_CHUNK_BYTES = 64 * 1024**2  # a passed-through matrix is copied to the output in row ranges of this size

@@ -34,8 +34,8 @@ from torch import nn
 
 from tico.experimental.quantization.algorithm.rotation.hadamard import Rotation, make_rotation
 from tico.experimental.quantization.algorithm.rotation.layouts import LAYOUTS, REFUSED, ResidualLayout
-from tico.experimental.quantization.algorithm.smoothquant.dataflow import ConsumerParam, trace_dataflow
-from tico.experimental.quantization.algorithm.smoothquant.producers import probe_kind, producer_params
+from tico.experimental.quantization.structure.dataflow import ConsumerParam, trace_dataflow
+from tico.experimental.quantization.structure.producers import probe_kind, producer_params
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import _run_probe, example_inputs
 from tico.experimental.quantization.quantizer import QuantizationError
 

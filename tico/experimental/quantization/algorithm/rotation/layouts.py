@@ -3,7 +3,7 @@
 Rotating the residual stream by ``Q`` needs every tensor that *writes* into it to be rotated on its output
 side (``Q^T W``) and every tensor that *reads* it on its input side (``W Q``). The readers are proven from the
 model itself: in a pre-norm model the stream is read only through norms, and the dataflow trace of
-:mod:`~tico.experimental.quantization.algorithm.smoothquant.dataflow` finds every parameter that contracts
+:mod:`~tico.experimental.quantization.structure.dataflow` finds every parameter that contracts
 each norm's output (q/k/v, gate/up, MoE routers and fused experts, the LM head). The writers (embeddings,
 attention and MLP output projections) feed a residual addition, which a trace cannot attribute to a channel
 map, so they are listed here, with the parameter axis that indexes the residual channels.

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.dataflow import ConsumerParam, Dataflow
-from tico.experimental.quantization.algorithm.smoothquant.producers import (
+from tico.experimental.quantization.structure.dataflow import ConsumerParam, Dataflow
+from tico.experimental.quantization.structure.producers import (
     LINEAR_KIND,
     linear_output_axis,
     probe_kind,

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tico.experimental.quantization.algorithm.smoothquant.dataflow import trace_dataflow
+from tico.experimental.quantization.structure.dataflow import trace_dataflow
 from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingGroup, SmoothingPlan, build_plan
 from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
-from tico.experimental.quantization.algorithm.smoothquant.producers import (
+from tico.experimental.quantization.structure.producers import (
     KINDS_BY_NAME,
     LINEAR_KIND,
     ProbeOutputNotFinite,

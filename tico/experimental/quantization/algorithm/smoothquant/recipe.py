@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingPlan
-from tico.experimental.quantization.algorithm.smoothquant.producers import fold_into_producer
+from tico.experimental.quantization.structure.producers import fold_into_producer
 from tico.experimental.quantization.algorithm.smoothquant.scales import scale_input_channels, to_columns
 
 FORMAT = "tico-smoothquant-recipe/1"

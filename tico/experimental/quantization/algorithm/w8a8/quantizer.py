@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
-from tico.experimental.quantization.algorithm.smoothquant.producers import LINEAR_OUTPUT_AXIS
+from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
-from tico.experimental.quantization.algorithm.w8a8 import attention, block_choice, massive
+from tico.experimental.quantization.algorithm.w8a8 import attention, block_objective, dynamic_fallback
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
 from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache, static_range
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear, random_rotation, rotate
@@ -39,7 +39,8 @@ from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedH
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.nn.qscheme import range_to_scale
 from tico.experimental.quantization.progress import track
-from tico.experimental.quantization.names import within
+from tico.experimental.quantization.structure.blocks import decoder_blocks
+from tico.experimental.quantization.structure.names import within
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class W8A8Quantizer(BaseQuantizer):
         self._attention_before: str | None = None  # the attention implementation prepare replaced
         self._sketches = SketchCache()  # range sketches of the samples, shared by searches and ranges (one convert)
         self.switchable: dict[str, list[str]] = {}  # block_objective: block -> producers of its switchable groups
-        self.recorder: block_choice.BlockRecorder | None = None
+        self.recorder: block_objective.BlockRecorder | None = None
 
     @property
     def plan(self):
@@ -159,7 +160,7 @@ class W8A8Quantizer(BaseQuantizer):
         if cfg.block_objective and self.sq is not None:
             self._find_switchable(model)
         rows = cfg.calibration_rows if cfg.needs_samples else 0
-        observer = massive.MassiveRowObserver if self._mixed_modes else SampledChannelObserver
+        observer = dynamic_fallback.MassiveRowObserver if self._mixed_modes else SampledChannelObserver
         for name in self.targets:  # every quantized layer's own input: its static range and search sample
             self.observers[name] = observer(_weight_rows(model.get_submodule(name)).shape[1], rows)
             self.points[name] = ObservationPoint(name, "input", 0)
@@ -177,7 +178,7 @@ class W8A8Quantizer(BaseQuantizer):
         """``block_objective``: the smoothed groups that lie inside one decoder block (producer and consumers),
         per block, and a recorder of those blocks' calibration calls."""
         assert self.sq is not None
-        blocks = block_choice.decoder_blocks(model)
+        blocks = decoder_blocks(model)
         for g in self.sq.plan.smoothed:
             for b in blocks:
                 if within(g.producer, b) and all(within(c.module, b) for c in g.consumers):
@@ -186,7 +187,7 @@ class W8A8Quantizer(BaseQuantizer):
         if not blocks:
             logger.warning("W8A8Config.block_objective: no decoder blocks found in %s; the searched smoothing is kept",
                            type(model).__name__)
-        self.recorder = block_choice.BlockRecorder(list(self.switchable), self.config.block_objective_tokens)
+        self.recorder = block_objective.BlockRecorder(list(self.switchable), self.config.block_objective_tokens)
 
     def _uninstall_attention(self, model: nn.Module) -> None:
         if self.attention_modules:
@@ -454,10 +455,10 @@ class W8A8Quantizer(BaseQuantizer):
             layers_c.update(self._plan_layers(model, touched, plan, quant, report_c,
                                               f"planning {cname} candidates (block objective)"))
             others[cname] = (plan, layers_c, report_c)
-        candidates = [block_choice.Candidate("searched", folded_of(smoothing), layers)]
-        candidates += [block_choice.Candidate(n, folded_of(plan) if n != "unsmoothed" else {}, lc)
+        candidates = [block_objective.Candidate("searched", folded_of(smoothing), layers)]
+        candidates += [block_objective.Candidate(n, folded_of(plan) if n != "unsmoothed" else {}, lc)
                        for n, (plan, lc, _) in others.items()]
-        choices = block_choice.choose(model, self.switchable, candidates, self.recorder, attention_scales,
+        choices = block_objective.choose(model, self.switchable, candidates, self.recorder, attention_scales,
                                       attention.STATE_ATTR)
         for block, choice in choices.items():
             report.block_choices[block] = choice.describe()
@@ -492,7 +493,7 @@ class W8A8Quantizer(BaseQuantizer):
         if divisor is not None:
             rows = rows / divisor.to(rows.device)
         weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
-        choice = massive.choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight,
+        choice = dynamic_fallback.choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight,
                                                 self.config.dynamic_fallback, quant.weights)
         report.act_modes[name] = choice.describe()
         if choice.mode == "dynamic":

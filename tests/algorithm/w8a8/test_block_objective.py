@@ -15,10 +15,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_massive import CALIB, EVAL, massive_llama  # noqa: E402
+from test_dynamic_fallback import CALIB, EVAL, massive_llama  # noqa: E402
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
-from tico.experimental.quantization.algorithm.w8a8.block_choice import block_output_error, decoder_blocks
+from tico.experimental.quantization.algorithm.w8a8.block_objective import block_output_error
+from tico.experimental.quantization.structure.blocks import decoder_blocks
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.calibration import QuantizationResult, quantize_model
-from tico.experimental.quantization.checkpoint import RECIPE_FILE, write_atomically
-from tico.experimental.quantization.loading import load_model
-from tico.experimental.quantization.schemes import config_to_dict
+from tico.experimental.quantization.run.calibration import QuantizationResult, quantize_model
+from tico.experimental.quantization.export.publish import RECIPE_FILE, write_atomically
+from tico.experimental.quantization.run.loading import load_model
+from tico.experimental.quantization.run.schemes import config_to_dict
 
 __all__ = ["CalibrationSet", "calibration_set", "save_quantized", "quantize_to_folder", "FORMAT"]
 
@@ -173,10 +173,10 @@ def _stream_to_folder(
     device: str, options: dict[str, Any],
 ) -> QuantizationResult:
     """The block-by-block path of :func:`quantize_to_folder`; the folder is published only when complete."""
-    from tico.experimental.quantization.checkpoint import check_output
-    from tico.experimental.quantization.loading import InputError
+    from tico.experimental.quantization.export.publish import check_output
+    from tico.experimental.quantization.run.loading import InputError
     from tico.experimental.quantization.pipeline import quantize_checkpoint
-    from tico.experimental.quantization.pipeline.checkpoint import resolve_checkpoint
+    from tico.experimental.quantization.pipeline.source import resolve_checkpoint
     from tico.experimental.quantization.quantizer import QuantizationError
 
     start = time.perf_counter()

@@ -15,8 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
-from tico.experimental.quantization.algorithm.w8a8 import massive
-from tico.experimental.quantization.algorithm.w8a8.massive import MassiveRowObserver, choose_activation_mode
+from tico.experimental.quantization.algorithm.w8a8 import dynamic_fallback
+from tico.experimental.quantization.algorithm.w8a8.dynamic_fallback import MassiveRowObserver, choose_activation_mode
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
@@ -191,8 +191,8 @@ def test_wide_layers_are_scored_on_a_channel_subset(monkeypatch):
     w = torch.randn(3000, 32, generator=gen)
     r = float(x.abs().max())
     sub = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, BUDGET)
-    assert w.shape[0] > massive.SCORE_CHANNELS
-    monkeypatch.setattr(massive, "SCORE_CHANNELS", 10**6)
+    assert w.shape[0] > dynamic_fallback.SCORE_CHANNELS
+    monkeypatch.setattr(dynamic_fallback, "SCORE_CHANNELS", 10**6)
     every = choose_activation_mode(x, m, torch.zeros(4, dtype=torch.long), r, w, BUDGET)
     assert sub.mode == every.mode
     for a, b in ((sub.static_error[0], every.static_error[0]), (sub.dynamic_error[0], every.dynamic_error[0])):
@@ -208,7 +208,7 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
     """q/k/v (and gate/up) read one tensor and are served as one fused GEMM with one input quantization: when
     the per-layer choice makes only q_proj dynamic, its siblings follow, as the exported checkpoint is served."""
 
-    real = massive.choose_activation_mode
+    real = dynamic_fallback.choose_activation_mode
     calls = []
 
     def only_q_dynamic(*args, **kwargs):
@@ -217,7 +217,7 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
         choice.mode = "dynamic" if len(calls) == 1 else "static"  # the first planned layer: layer 0's q_proj
         return choice
 
-    monkeypatch.setattr(massive, "choose_activation_mode", only_q_dynamic)
+    monkeypatch.setattr(dynamic_fallback, "choose_activation_mode", only_q_dynamic)
     mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
                                             dynamic_fallback=BUDGET), gain=0.0)
     from tico.experimental.quantization.export.compressed_tensors import w8a8_layers

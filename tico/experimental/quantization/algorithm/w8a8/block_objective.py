@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.quantizer import Transaction
-from tico.experimental.quantization.names import within
+from tico.experimental.quantization.structure.names import within
 
 # Call arguments that carry state across calls (KV caches): a trial forward must not read or grow them, and the
 # recorded calls come from fresh forwards, so they are replayed without one. Known names, and any value whose
@@ -57,24 +57,8 @@ STATE_CLASSES = ("Cache",)
 # Module attributes that hold hooks: silenced during a trial forward, so observers and the recorder see nothing.
 HOOK_ATTRS = ("_forward_pre_hooks", "_forward_hooks")
 # The attribute a unit (the pipeline's BlockShell) names its decoder blocks with, instead of a search.
-BLOCKS_ATTR = "tico_decoder_blocks"
 CANDIDATES = ("searched", "unsmoothed")
 
-
-def decoder_blocks(model: nn.Module) -> list[str]:
-    """Dotted names of ``model``'s decoder blocks: ``model.tico_decoder_blocks`` if set (one block in the pipeline),
-    else the ``nn.ModuleList`` of same-class modules holding the most parameters (as the pipeline finds them);
-    ``[]`` when there is none."""
-    named = getattr(model, BLOCKS_ATTR, None)
-    if named is not None:
-        return list(named)
-    from tico.experimental.quantization.pipeline.checkpoint import find_blocks  # the pipeline's own finder
-
-    try:
-        path, blocks = find_blocks(model)
-    except ValueError:
-        return []
-    return [f"{path}.{i}".lstrip(".") for i in range(len(blocks))]
 
 
 def _is_state(key: str, value: Any) -> bool:

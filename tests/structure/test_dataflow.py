@@ -8,7 +8,7 @@ import torch
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 
-from .toys import (
+from algorithm.smoothquant.toys import (
     Block,
     MatmulBlock,
     PostNormBlock,

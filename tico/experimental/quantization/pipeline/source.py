@@ -129,22 +129,3 @@ class Checkpoint:
     def release(module: nn.Module) -> None:
         """Free a part's weights (back to meta); the skeleton keeps its shape."""
         module.to("meta")
-
-
-def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: ``path`` if given, else the ``nn.ModuleList`` of same-class modules holding the most
-    parameters (Llama ``model.layers``, GPT-2 ``transformer.h``, OPT ``model.decoder.layers``, ...)."""
-    if path is not None:
-        blocks = model.get_submodule(path)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"{type(model).__name__}.{path} is a {type(blocks).__name__}, not the nn.ModuleList of blocks")
-        return path, blocks
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, module)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of decoder blocks; pass blocks='path.to.list'")
-    return best[1], best[2]

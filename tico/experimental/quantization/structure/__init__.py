@@ -1,0 +1,1 @@
+"""What the model is, with no algorithm: the dataflow tracer, producer forms, module-name arithmetic."""
