@@ -121,4 +121,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from results import recorded  # benchmarks/results.py: the figures go to RESULTS.md
+
+    with recorded():
+        main()

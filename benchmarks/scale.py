@@ -314,4 +314,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from results import recorded  # benchmarks/results.py: the figures go to RESULTS.md
+
+    with recorded(enabled=sys.argv[1:2] != ["measure"]):  # not the per-recipe child processes
+        main()

@@ -875,4 +875,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    from results import recorded  # benchmarks/results.py: the figures go to RESULTS.md
+
+    with recorded(enabled=sys.argv[1:2] != ["vllm-side"]):  # not the part that runs in vLLM's Python
+        main()

@@ -5,10 +5,10 @@ was trained on (calibrating a model on text unlike its training text makes any p
 Perplexity is measured on the windows that follow the calibration windows. Online: any Hugging Face model id.
 
     python examples/smoothquant_quickstart.py                              # smoothing only: outputs unchanged
-    python examples/smoothquant_quickstart.py --w8a8 static --output out/w8a8   # int8 W8A8, saved for vLLM
+    python examples/smoothquant_quickstart.py --w8a8 static --output /tmp/tico-out/example-w8a8   # int8, saved
     python examples/smoothquant_quickstart.py --model ./my-model --text ./calib.txt --samples 64 --alpha 0.6
 
-Expected time on a 2-core CPU with the defaults: a few seconds (smoothing), under a minute (--w8a8).
+Nothing is written unless --output is given (a folder that must not exist, or be empty).
 """
 
 from __future__ import annotations
