@@ -372,7 +372,7 @@ def resolve_mappings(model: nn.Module, mappings: Sequence[tuple[str, Sequence[st
                               "Linear layer nor a norm with a 1-D weight")
             if p in out:
                 errors.append(f"{where}: producer {p} is already mapped by an earlier entry")
-            inside = [n for n in modules if n and n != p and (parent == "" or names.within(n, parent))]
+            inside = [n for n in modules if n not in (p, parent) and names.within(n, parent or n)]
             for key in names.unmatched(ckeys, inside):
                 errors.append(f"{where}: consumer {key!r} matches no module inside {parent or 'the model'} "
                               f"(the parent of producer {p})")

@@ -98,10 +98,7 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     # -- prepare -------------------------------------------------------------------------------------------
     def prepare(
-        self,
-        model: nn.Module,
-        args: tuple[Any, ...] | None = None,
-        kwargs: dict[str, Any] | None = None,
+        self, model: nn.Module, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
     ) -> nn.Module:
         if self.config.alpha_is_auto:  # standalone convert has nothing to score alphas with
             raise ValueError(
