@@ -7,7 +7,7 @@ import torch
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.smoothquant import SmoothQuantError
-from tico.experimental.quantization.algorithm.smoothquant import quantizer as sq_module
+from tico.experimental.quantization.algorithm.smoothquant import scales as scales_module
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import SmoothQuantQuantizer
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.quantizer import Transaction
@@ -93,7 +93,7 @@ def test_a_fault_during_the_folds_restores_every_weight(monkeypatch):
     model = calibrated()
     before = params(model)
     calls = {"n": 0}
-    original = sq_module.scale_input_channels
+    original = scales_module.scale_input_channels
 
     def fail_on_fifth(*args, **kwargs):
         calls["n"] += 1
@@ -101,7 +101,7 @@ def test_a_fault_during_the_folds_restores_every_weight(monkeypatch):
             raise RuntimeError("injected")
         original(*args, **kwargs)
 
-    monkeypatch.setattr(sq_module, "scale_input_channels", fail_on_fifth)
+    monkeypatch.setattr(scales_module, "scale_input_channels", fail_on_fifth)
     with pytest.raises(RuntimeError, match="injected"):
         convert(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

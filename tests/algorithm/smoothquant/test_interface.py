@@ -76,7 +76,7 @@ def test_config_copies_the_callers_map():
     amap = {"model.layers.0": 0.3}
     config = SmoothQuantConfig(custom_alpha_map=amap)
     amap["model.layers.0"] = 0.9
-    assert config.alpha_for(["model.layers.0.mlp.up_proj"]) == 0.3
+    assert config.custom_alpha_map == {"model.layers.0": 0.3}
 
 
 # -- custom_alpha_map --------------------------------------------------------------------------------------

@@ -96,3 +96,20 @@ class MatmulBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         return x + h @ self.w.T + self.b(h)
+
+
+class CumsumBlock(Block):
+    """The norm's output is summed along the sequence before the Linears read it: exact to fold (a cumulative sum
+    is linear per channel), but the trace does not follow ``cumsum`` and refuses the group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cumsum(self.norm(x), dim=1)
+        return x + self.a(h) + self.b(h)
+
+
+class NormThenActBlock(Block):
+    """A norm's output read by ``a`` and, through ``sigmoid``, not linearly: no mapping can make it exact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.a(h) * torch.sigmoid(h) + self.b(h)

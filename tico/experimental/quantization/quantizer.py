@@ -31,7 +31,7 @@ class QuantizationError(ValueError):
 
 
 class Observer(Protocol):
-    """What the statistics check reads from an observer (see ``algorithm/smoothquant/observer.py``)."""
+    """What the statistics check reads from an observer (see ``algorithm/smoothquant/scales.py``)."""
 
     channels: int
     absmax: torch.Tensor | None

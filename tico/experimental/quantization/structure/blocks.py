@@ -41,3 +41,16 @@ def decoder_blocks(model: nn.Module) -> list[str]:
     except ValueError:
         return []
     return [f"{path}.{i}".lstrip(".") for i in range(len(blocks))]
+
+
+def block_of(model: nn.Module, name: str) -> str | None:
+    """The repeated block containing module ``name``: the longest prefix whose parent is an ``nn.ModuleList``."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[: end - 1])
+        try:
+            if isinstance(model.get_submodule(parent), nn.ModuleList):
+                return ".".join(parts[:end])
+        except AttributeError:
+            continue
+    return None

@@ -16,20 +16,23 @@ from it) is either
 Anything else (a residual add, RoPE, softmax, a norm, being returned from the model) is a *foreign* read, and
 the producer is left alone with that read named as the reason. The forward runs under a
 :class:`~torch.overrides.TorchFunctionMode`, so the proof comes from the model's own code path, whatever its
-architecture. The tables below are about torch functions, not about models.
+architecture. The tables below are about torch functions, not about models. What the trace records
+(:class:`~.probe.ProducerReads` per producer, in a :class:`~.probe.Dataflow`) and the probe forward it watches
+live in :mod:`.probe`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from tico.experimental.quantization.structure.probe import ConsumerParam, Dataflow, ProducerReads, output_tensors
 
 # name -> (index of the activation operand, index of the weight operand, contracted axis of the weight operand)
 _CONTRACTIONS: dict[str, tuple[int, int, int]] = {
@@ -83,63 +86,6 @@ def _func_name(func: Callable) -> str:
         owner = getattr(func, "__self__", None)
         return "." + getattr(owner, "__name__", "?")
     return name
-
-
-@dataclass(frozen=True)
-class ConsumerParam:
-    """A parameter that contracts the producer's channels: ``s[channel_map]`` is multiplied into its ``axis``.
-
-    ``channel_map[j]`` is the producer channel read by index ``j`` of ``axis``; None means the identity.
-    """
-
-    name: str  # fully qualified parameter name
-    module: str  # the module that owns it
-    axis: int  # the parameter axis indexed by the producer's channels (non-negative)
-    channel_map: tuple[int, ...] | None = None
-
-
-@dataclass
-class ProducerReads:
-    """Everything one forward showed about one producer's output."""
-
-    channels: int | None = None
-    consumers: dict[str, ConsumerParam] = field(default_factory=dict)  # by parameter name
-    consumer_modules: list[str] = field(default_factory=list)  # in order of first read
-    # (module, arg position, channel map of that argument's last axis) where a tracked tensor entered a module
-    entries: list[tuple[str, int, tuple[int, ...] | None]] = field(default_factory=list)
-    foreign: list[str] = field(default_factory=list)  # reads that forbid folding, as readable reasons
-    pinned: set[int] | None = None  # channels a foreign read touched (must keep s = 1); None: none yet
-    all_pinned: bool = False
-    sample: tuple[tuple[Any, ...], dict[str, Any], torch.Tensor] | None = None  # (args, kwargs, output) of 1st call
-
-    def add_foreign(self, reason: str, cmap: torch.Tensor | None = None) -> None:
-        """Record a read that cannot absorb ``s``: it pins the channels in ``cmap`` (all channels if None).
-
-        A fused ``qkv`` output whose query/key part goes to RoPE pins only those channels; its value part can
-        still be smoothed into the output projection.
-        """
-        if reason not in self.foreign:
-            self.foreign.append(reason)
-        if cmap is None:
-            self.all_pinned = True
-        else:
-            self.pinned = (self.pinned or set()) | set(torch.unique(cmap).tolist())
-
-    @property
-    def pinned_channels(self) -> set[int]:
-        """Every channel that must keep scale 1."""
-        if self.all_pinned:
-            return set(range(self.channels or 0))
-        return set(self.pinned or ())
-
-
-@dataclass
-class Dataflow:
-    """The result of :func:`trace_dataflow`: reads per producer, and every use of every consumer parameter."""
-
-    producers: dict[str, ProducerReads]
-    # parameter name -> list of uses: ("consumer", producer, axis) or ("other", description, -1)
-    param_uses: dict[str, list[tuple[str, str, int]]]
 
 
 def _row_map(cmap: torch.Tensor, shape: torch.Size, channels: int | None) -> tuple[int, ...] | None | bool:
@@ -434,17 +380,8 @@ def trace_dataflow(
     finally:
         for h in handles:
             h.remove()
-    for t in tree_flatten(_outputs_as_tree(output))[0]:
-        if isinstance(t, torch.Tensor) and id(t) in tracer.tracked:
+    for t in output_tensors(output):
+        if id(t) in tracer.tracked:
             producer, cmap = tracer.tracked[id(t)]
             tracer.reads[producer].add_foreign("returned from the model as an output", cmap)
     return Dataflow(producers=tracer.reads, param_uses=dict(tracer.param_uses))
-
-
-def _outputs_as_tree(output: Any) -> Any:
-    """Model outputs as plain containers (HF ``ModelOutput`` is a dict subclass; tuples pass through)."""
-    if isinstance(output, dict):
-        return {k: _outputs_as_tree(v) for k, v in output.items()}
-    if isinstance(output, (list, tuple)):
-        return [_outputs_as_tree(v) for v in output]
-    return output

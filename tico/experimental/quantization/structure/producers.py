@@ -17,17 +17,31 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ProducerKind:
-    """How a per-channel divisor ``s`` is folded into a producer's weight (its bias, if any, becomes ``b / s``)."""
+    """A producer form ``y = norm(x) * factor(w) + b``: how its weight ``w`` gives the per-channel factor, and back.
+
+    Folding a divisor ``s`` sets the factor to ``factor(w) / s`` (:meth:`fold_weight`); the bias, if any, becomes
+    ``b / s``. The *unit* weight (factor 1) is what a rotation leaves in a norm after absorbing its factor.
+    """
 
     name: str
     formula: str
-    fold_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (w fp32, s fp32) -> new w fp32
+    factor: Callable[[torch.Tensor], torch.Tensor]  # w -> the per-channel factor
+    weight_of: Callable[[torch.Tensor], torch.Tensor]  # factor -> w
+
+    def fold_weight(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The weight whose factor is ``factor(w) / s``."""
+        return self.weight_of(self.factor(w) / s)
+
+    @property
+    def unit(self) -> float:
+        """The weight value whose factor is 1."""
+        return float(self.weight_of(torch.tensor(1.0)))
 
 
 # The table of producer forms. Adding a form is one line; the probe decides which one a module has.
 PRODUCER_KINDS: tuple[ProducerKind, ...] = (
-    ProducerKind("affine", "y = norm(x) * w + b", lambda w, s: w / s),
-    ProducerKind("unit_offset", "y = norm(x) * (1 + w) + b", lambda w, s: (1.0 + w) / s - 1.0),
+    ProducerKind("affine", "y = norm(x) * w + b", lambda w: w, lambda f: f),
+    ProducerKind("unit_offset", "y = norm(x) * (1 + w) + b", lambda w: 1.0 + w, lambda f: f - 1.0),
 )
 KINDS_BY_NAME = {k.name: k for k in PRODUCER_KINDS}
 
@@ -84,33 +98,45 @@ def find_producers(model: nn.Module, linear: bool = False) -> dict[str, nn.Modul
     }
 
 
-@torch.no_grad()
-def fold_into_producer(module: nn.Module, kind: str, scales: torch.Tensor) -> None:
-    """Divide the producer's output by ``scales`` (fp32, one per output channel), in place."""
-    if kind == LINEAR_KIND:
-        axis = linear_output_axis(module)
-        shape = [1, 1]
-        shape[axis] = -1  # type: ignore[index]
-        weight, bias = module.weight, module.bias
-        s = scales.to(weight.device)
-        weight.copy_((weight.float() / s.view(shape)).to(weight.dtype))
-    else:
-        weight, bias = producer_params(module)  # type: ignore[misc]
-        s = scales.to(weight.device)
-        weight.copy_(KINDS_BY_NAME[kind].fold_weight(weight.float(), s).to(weight.dtype))
-    if bias is not None:
-        bias.copy_((bias.float() / s).to(bias.dtype))
+# An in-place change of one parameter tensor: computed in fp32, cast back to the tensor's dtype.
+ParamOp = Callable[[torch.Tensor], None]
 
 
-def folded_weight(module: nn.Module, kind: str, scales: torch.Tensor) -> torch.Tensor:
-    """The producer weight after :func:`fold_into_producer`, in fp32, without changing the module."""
-    weight = module.weight.detach().float()
-    s = scales.to(weight.device)
+def producer_fold_ops(module: nn.Module, kind: str, scales: torch.Tensor) -> dict[str, ParamOp]:
+    """The fold of ``1/s`` into a producer, as one in-place op per parameter (by local name: ``weight``, ``bias``).
+
+    The one place this rule is written: a Linear's output rows and a norm's weight (by its :class:`ProducerKind`)
+    are divided by ``s``, and so is a bias. ``scales`` are fp32, one per output channel.
+    """
     if kind == LINEAR_KIND:
         shape = [1, 1]
         shape[linear_output_axis(module)] = -1  # type: ignore[index]
-        return weight / s.view(shape)
-    return KINDS_BY_NAME[kind].fold_weight(weight, s)
+        ops = {"weight": _divide(scales, shape)}
+    else:
+        fold = KINDS_BY_NAME[kind].fold_weight
+
+        def fold_norm(t: torch.Tensor) -> None:
+            t.copy_(fold(t.float(), scales.to(t.device)).to(t.dtype))
+
+        ops = {"weight": fold_norm}
+    if dict(module.named_parameters(recurse=False)).get("bias") is not None:
+        ops["bias"] = _divide(scales, [-1])
+    return ops
+
+
+def _divide(scales: torch.Tensor, shape: list[int]) -> ParamOp:
+    def op(t: torch.Tensor) -> None:
+        t.copy_((t.float() / scales.to(t.device).view(shape)).to(t.dtype))
+
+    return op
+
+
+@torch.no_grad()
+def fold_into_producer(module: nn.Module, kind: str, scales: torch.Tensor) -> None:
+    """Divide the producer's output by ``scales`` (fp32, one per output channel), in place."""
+    params = dict(module.named_parameters(recurse=False))
+    for name, op in producer_fold_ops(module, kind, scales).items():
+        op(params[name])
 
 
 class ProbeOutputNotFinite(ValueError):

@@ -34,18 +34,15 @@ from torch import nn
 
 from tico.experimental.quantization.algorithm.rotation.hadamard import Rotation, make_rotation
 from tico.experimental.quantization.algorithm.rotation.layouts import LAYOUTS, REFUSED, ResidualLayout
-from tico.experimental.quantization.structure.dataflow import ConsumerParam, trace_dataflow
-from tico.experimental.quantization.structure.producers import probe_kind, producer_params
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import _run_probe, example_inputs
+from tico.experimental.quantization.algorithm.smoothquant.scales import scale_input_channels
 from tico.experimental.quantization.quantizer import QuantizationError
+from tico.experimental.quantization.structure.dataflow import trace_dataflow
+from tico.experimental.quantization.structure.probe import ConsumerParam, example_inputs, run_probe
+from tico.experimental.quantization.structure.producers import KINDS_BY_NAME, probe_kind, producer_params
 
 __all__ = ["RotationError", "RotationReport", "fuse_rotations"]
 
 logger = logging.getLogger(__name__)
-
-# The unit weight of each norm form (see producers.PRODUCER_KINDS) and the factor it multiplies x_hat by.
-_UNIT = {"affine": 1.0, "unit_offset": 0.0}
-_FACTOR = {"affine": lambda w: w, "unit_offset": lambda w: 1.0 + w}
 
 
 class RotationError(QuantizationError):
@@ -122,7 +119,7 @@ def _equivariant(module: nn.Module, kind: str, sample: tuple[tuple[Any, ...], di
     q = make_rotation(x.shape[-1], seed=12345, kind="random").matrix.to(x.device)
     try:
         with torch.no_grad():
-            weight.fill_(_UNIT[kind])
+            weight.fill_(KINDS_BY_NAME[kind].unit)
             plain = module(x, *args[1:], **kwargs).to(torch.float64)
             turned = module((x.to(torch.float64) @ q).to(x.dtype), *args[1:], **kwargs).to(torch.float64)
     except Exception:  # noqa: BLE001 - a module that cannot be re-run alone is not proven
@@ -175,7 +172,7 @@ def _plan(model: nn.Module, layout: ResidualLayout, probe: tuple[tuple[Any, ...]
         raise RotationError("cannot rotate: " + "; ".join(problems))
 
     hidden = _param(model, embeddings[0]).shape[-1]  # type: ignore[union-attr]
-    flow = trace_dataflow(model, norms, lambda: _run_probe(model, *probe))
+    flow = trace_dataflow(model, norms, lambda: run_probe(model, *probe))
     planned: dict[str, tuple[nn.Module, str, list[ConsumerParam]]] = {}
     all_names = dict(model.named_parameters(remove_duplicate=False))
     for name, module in norms.items():
@@ -192,7 +189,7 @@ def _plan(model: nn.Module, layout: ResidualLayout, probe: tuple[tuple[Any, ...]
             problems.append(f"{name}: its output is read by more than Linear layers ({why})")
             continue
         kind = probe_kind(module, reads.sample) if reads.sample else None
-        if kind is None or kind.name not in _UNIT:
+        if kind is None:
             problems.append(f"{name}: {type(module).__name__} is not of the form norm(x) * w or norm(x) * (1 + w)")
             continue
         if not _equivariant(module, kind.name, reads.sample):  # type: ignore[arg-type]
@@ -218,7 +215,7 @@ def _untie_reason(model: nn.Module, layout: ResidualLayout, planned) -> str | No
     tied = [c.name for c in readers if id(_param(model, c.name)) in embedding_ids]
     if not tied:
         return None
-    if torch.all(module.weight == _UNIT[kind]):
+    if torch.all(module.weight == KINDS_BY_NAME[kind].unit):
         return None
     return (f"{tied[0]} is the embedding matrix, but it reads {layout.final_norm}, whose weight is absorbed into it "
             "(E diag(w) Q for the head, E Q for the embedding)")
@@ -279,13 +276,10 @@ def _apply(model: nn.Module, plan: _Plan, q: torch.Tensor, head_rotations: list[
         into.append(name)
 
     for name, (module, kind, readers) in plan.norms.items():
-        factor = _FACTOR[kind](module.weight.detach().to(torch.float64))
-        for c in readers:
-            p = _param(model, c.name)
-            shape = [1] * p.dim()
-            shape[c.axis] = -1
-            p.copy_((p.detach().to(torch.float64) * factor.to(p.device).view(shape)).to(p.dtype))
-        module.weight.fill_(_UNIT[kind])
+        factor = KINDS_BY_NAME[kind].factor(module.weight.detach().to(torch.float64))
+        for c in readers:  # the norm's factor moves into its readers' input columns, as a smoothing fold would
+            scale_input_channels(_param(model, c.name), c.axis, factor, compute_dtype=torch.float64)  # type: ignore[arg-type]
+        module.weight.fill_(KINDS_BY_NAME[kind].unit)
         report.absorbed_norms.append(name)
     for name in plan.embeddings:
         rotate(name, 1, q, report.writers)
@@ -345,13 +339,13 @@ def fuse_rotations(
     if tolerance is None:
         tolerance = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
 
-    reference = _logits(_run_probe(model, *probe)).detach().to(torch.float64)
+    reference = _logits(run_probe(model, *probe)).detach().to(torch.float64)
     saved = {id(p): (p, p.detach().clone()) for p in model.parameters()}
     modules = {name: m.weight for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
     tie_flags = [(c, getattr(c, "tie_word_embeddings", None)) for c in (model.config, model.config.get_text_config())]
     try:
         _apply(model, plan, q_rot.matrix, head_rots, report)
-        got = _logits(_run_probe(model, *probe)).detach().to(torch.float64)
+        got = _logits(run_probe(model, *probe)).detach().to(torch.float64)
         err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
         report.max_rel_error = err
         if not err <= tolerance:

@@ -30,8 +30,8 @@ from torch import nn
 
 from tico.experimental.quantization.algorithm.rotation.fuse import _logits
 from tico.experimental.quantization.algorithm.rotation.hadamard import Rotation, hadamard_order_base, make_rotation
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import _run_probe, example_inputs
 from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.structure.probe import example_inputs, run_probe
 
 __all__ = ["DOWN_PROJ_TARGETS", "ONLINE_SUFFIXES", "add_online_rotations", "transform_config"]
 
@@ -63,7 +63,7 @@ def add_online_rotations(
     if not targets:
         raise ValueError(f"no plain nn.Linear named *.{suffixes} in {type(model).__name__} to rotate online")
     probe = example_inputs(model, None, None)
-    reference = _logits(_run_probe(model, *probe)).double()
+    reference = _logits(run_probe(model, *probe)).double()
     rotations: dict[int, Rotation] = {}
     done: dict[str, Rotation] = {}
     for name, linear in targets.items():
@@ -77,7 +77,7 @@ def add_online_rotations(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, RotatedInputLinear(inner, r.float().unsqueeze(0), None))
         done[name] = rot
-    got = _logits(_run_probe(model, *probe)).double()
+    got = _logits(run_probe(model, *probe)).double()
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
     if not err <= tolerance:
         for name, linear in targets.items():

@@ -1,16 +1,16 @@
 """SmoothQuant behind the prepare/convert contract: trace -> plan -> observe, then plan scales -> validate -> apply.
 
-``prepare`` runs one short probe forward to discover the smoothing groups from the model's own dataflow,
-decides which are exact to fold, and hooks one observer per group. ``convert`` is three public steps that
-another quantizer (W8A8) composes with its own: :meth:`SmoothQuantQuantizer.plan_scales` (every group's alpha
-and scales from the statistics), :meth:`SmoothQuantQuantizer.validate` (statistics present and finite, shapes,
-no overflow in the parameters' dtypes) and :meth:`SmoothQuantQuantizer.apply` (the folds, inside an undo
-journal), so an error leaves the model exactly as it was.
+``prepare`` runs one short probe forward to discover the smoothing groups from the model's own dataflow (and
+those ``SmoothQuantConfig.mappings`` state, checked by a trial fold), decides which are exact to fold, and
+hooks one observer per group. ``convert`` is three public steps that another quantizer (W8A8) composes with its
+own: :meth:`SmoothQuantQuantizer.plan_scales` (every group's alpha and scales from the statistics),
+:meth:`SmoothQuantQuantizer.validate` (statistics present and finite, shapes, no overflow in the parameters'
+dtypes) and :meth:`SmoothQuantQuantizer.apply` (the folds, inside an undo journal), so an error leaves the model
+exactly as it was.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
@@ -19,91 +19,51 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tico.experimental.quantization.structure.dataflow import trace_dataflow
-from tico.experimental.quantization.algorithm.smoothquant.groups import SmoothingGroup, SmoothingPlan, build_plan
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
-from tico.experimental.quantization.structure.producers import (
-    KINDS_BY_NAME,
-    LINEAR_KIND,
-    ProbeOutputNotFinite,
-    find_producers,
-    folded_weight,
-    linear_output_axis,
+from tico.experimental.quantization.algorithm.smoothquant.groups import (
+    SmoothingGroup,
+    SmoothingPlan,
+    SmoothQuantError,
+    build_plan,
+    check_alpha_map,
+    group_alpha,
+    resolve_mappings,
 )
 from tico.experimental.quantization.algorithm.smoothquant.scales import (
+    ChannelAbsMaxObserver,
     channel_absmax,
-    scale_input_channels,
+    fold_ops,
     smoothing_scales,
     to_columns,
     to_producer_channels,
 )
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.quantizer import BaseQuantizer, QuantizationError, Transaction
+from tico.experimental.quantization.quantizer import BaseQuantizer, Transaction
 from tico.experimental.quantization.registry import register_quantizer
+from tico.experimental.quantization.structure.dataflow import trace_dataflow
+from tico.experimental.quantization.structure.probe import (  # noqa: F401 - PROBE_TOKENS, probe_token_ids and
+    PROBE_TOKENS,  # vocab_size are also imported from here by pipeline/stream.py
+    example_inputs,
+    output_tensors,
+    probe_token_ids,
+    run_probe,
+    vocab_size,
+)
+from tico.experimental.quantization.structure.producers import (
+    ParamOp,
+    ProbeOutputNotFinite,
+    find_producers,
+    producer_fold_ops,
+)
 
 logger = logging.getLogger(__name__)
 
-PROBE_TOKENS = 8
+__all__ = ["ScalePlan", "SmoothQuantError", "SmoothQuantQuantizer"]
 
 
 def observed_width(group: SmoothingGroup) -> int:
     """How many channels the tensor at the group's observation point has."""
     point = group.observe
     return len(point.channel_map) if point is not None and point.channel_map is not None else group.channels  # type: ignore[return-value]
-
-
-class SmoothQuantError(QuantizationError):
-    """A SmoothQuant plan or its statistics are invalid; the message names every offending module."""
-
-
-def example_inputs(
-    model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The inputs of the probe forward: the caller's, or a few token ids for a model with ``config.vocab_size``."""
-    if args is not None or kwargs is not None:
-        return tuple(args or ()), dict(kwargs or {})
-    vocab = vocab_size(model)
-    if vocab is None:
-        raise ValueError(
-            f"{type(model).__name__} has no config.vocab_size to build probe token ids from; pass example inputs "
-            "for one forward: prepare(model, config, args=(example_input,)) or kwargs={...}"
-        )
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return (), {"input_ids": probe_token_ids(vocab).to(device)}
-
-
-def vocab_size(model: nn.Module) -> int | None:
-    """``model.config.vocab_size`` when it is a positive int (None otherwise)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return vocab if isinstance(vocab, int) and vocab > 0 else None
-
-
-def probe_token_ids(vocab: int) -> torch.Tensor:
-    """``[1, PROBE_TOKENS]`` seeded token ids below ``vocab``: the default probe input."""
-    return torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
-
-
-def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
-    """A forward in eval mode without gradients; the caller's training flags are restored afterwards.
-
-    A KV cache is turned off where the model has one: the cache stores values that only the same attention
-    reads back (so a smoothed model stays consistent), but the trace would count its concatenation as a read.
-    """
-    if "use_cache" in inspect.signature(model.forward).parameters or hasattr(getattr(model, "config", None), "use_cache"):
-        kwargs = {"use_cache": False, **kwargs}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*args, **kwargs)
-    except Exception as exc:
-        raise RuntimeError(
-            f"SmoothQuant's probe forward of {type(model).__name__} failed ({type(exc).__name__}: {exc}); "
-            "pass inputs the model accepts: prepare(model, config, args=..., kwargs=...)"
-        ) from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @dataclass
@@ -115,9 +75,6 @@ class ScalePlan:
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-
-# An in-place change of one parameter tensor (computed in fp32, cast back to the tensor's dtype).
-ParamOp = Callable[[torch.Tensor], None]
 
 
 @register_quantizer(SmoothQuantConfig)
@@ -141,10 +98,7 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     # -- prepare -------------------------------------------------------------------------------------------
     def prepare(
-        self,
-        model: nn.Module,
-        args: tuple[Any, ...] | None = None,
-        kwargs: dict[str, Any] | None = None,
+        self, model: nn.Module, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
     ) -> nn.Module:
         if self.config.alpha_is_auto:  # standalone convert has nothing to score alphas with
             raise ValueError(
@@ -166,10 +120,16 @@ class SmoothQuantQuantizer(BaseQuantizer):
         No hooks are left and no weight changes; :meth:`attach` hooks the observers.
         """
         probe_args, probe_kwargs = example_inputs(model, args, kwargs)
-        producers = find_producers(model, linear=self.config.linear_producers)
-        flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs))
+        mapped = resolve_mappings(model, self.config.mappings)
+        found = find_producers(model, linear=self.config.linear_producers)
+        producers = {n: m for n, m in model.named_modules() if n in found or n in mapped}
+
+        def run() -> Any:
+            return run_probe(model, probe_args, probe_kwargs)
+
+        flow = trace_dataflow(model, producers, run)
         try:
-            plan = build_plan(model, flow, self.config)
+            plan = build_plan(model, flow, self.config, mapped)
         except ProbeOutputNotFinite as exc:
             name = next((n for n, m in model.named_modules() if m is exc.module), type(exc.module).__name__)
             raise SmoothQuantError(
@@ -177,33 +137,12 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 f"checked ({exc}); pass example inputs on which the model's outputs are finite "
                 "(prepare(model, config, args=..., kwargs=...)), or prepare the model in float32"
             ) from exc
-        self._check_alpha_map(model, plan)
+        check_alpha_map(model, plan, self.config)
+        _check_mapped_folds(model, [g for g in plan.smoothed if g.mapped], run)
         self.plan = plan
         self.observers = {g.producer: ChannelAbsMaxObserver(observed_width(g)) for g in plan.smoothed}
         self._log_plan(model)
         return plan
-
-    def _check_alpha_map(self, model: nn.Module, plan: SmoothingPlan) -> None:
-        names = list(self.config.custom_alpha_map or {})
-        if not names:
-            return
-        modules = {n for n, _ in model.named_modules()}
-        unknown = [n for n in names if n not in modules]
-        if unknown:
-            raise SmoothQuantError(
-                f"custom_alpha_map names that are not modules of {type(model).__name__}: {unknown}; "
-                "use names from model.named_modules(), e.g. 'model.layers.0' or 'model.layers.0.mlp'"
-            )
-        reached = set()
-        for g in plan.smoothed:
-            members = [g.producer, *g.consumer_modules]
-            reached |= {n for n in names if any(m == n or m.startswith(n + ".") for m in members)}
-        unused = [n for n in names if n not in reached]
-        if unused:
-            raise SmoothQuantError(
-                f"custom_alpha_map names that contain no smoothed group's producer or consumer: {unused}; "
-                "see get_quantizer(model).plan.summary() for the groups"
-            )
 
     def _log_plan(self, model: nn.Module) -> None:
         if not self.plan.smoothed:
@@ -242,6 +181,11 @@ class SmoothQuantQuantizer(BaseQuantizer):
             self.apply(model, plan, tx)
         self._log_done()
         return model
+
+    def alpha_for(self, module_names: list[str] | tuple[str, ...]) -> float:
+        """The alpha of a group (or a layer smoothed on its own) whose modules are ``module_names``: the
+        ``custom_alpha_map`` entry that covers them most specifically, else the config's alpha."""
+        return group_alpha(self.config, module_names)
 
     def scales_for(self, model: nn.Module, g: SmoothingGroup) -> Callable[[float], torch.Tensor]:
         """``alpha -> scales`` of group ``g`` from its statistics and its consumers' weights (as the model is now).
@@ -327,18 +271,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
         producer before its consumers); a parameter both consumer and producer (``v_proj``) gets both."""
         ops: dict[str, list[ParamOp]] = {}
         for g in self.plan.smoothed:
-            s = plan.scales[g.producer]
-            module = model.get_submodule(g.producer)
-            if g.kind == LINEAR_KIND:
-                shape = [1, 1]
-                shape[linear_output_axis(module)] = -1  # type: ignore[index]
-                ops.setdefault(f"{g.producer}.weight", []).append(_divide_rows(s, shape))
-            else:
-                ops.setdefault(f"{g.producer}.weight", []).append(_fold_norm_weight(s, g.kind))  # type: ignore[arg-type]
-            if dict(module.named_parameters(recurse=False)).get("bias") is not None:
-                ops.setdefault(f"{g.producer}.bias", []).append(_divide_rows(s, [-1]))
-            for c in g.consumers:
-                ops.setdefault(c.name, []).append(_scale_columns(to_columns(s, c.channel_map), c.axis))
+            for name, more in fold_ops(model, g, plan.scales[g.producer]).items():
+                ops.setdefault(name, []).extend(more)
         return ops
 
     def _scale_function(self, g: SmoothingGroup, params: dict[str, nn.Parameter]):
@@ -376,7 +310,9 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 errors.append(f"{c.name}: scaling by s would overflow {params[c.name].dtype} (alpha={alpha})")
         producer = model.get_submodule(g.producer)
         weight = producer.weight  # type: ignore[union-attr]
-        if not torch.isfinite(folded_weight(producer, g.kind, s).to(weight.dtype)).all():  # type: ignore[arg-type]
+        folded = weight.detach().clone()  # type: ignore[union-attr]
+        producer_fold_ops(producer, g.kind, s)["weight"](folded)  # type: ignore[arg-type]
+        if not torch.isfinite(folded).all():
             errors.append(f"{g.producer}.weight: dividing by s would overflow {weight.dtype} (alpha={alpha})")
         return errors
 
@@ -391,26 +327,55 @@ class SmoothQuantQuantizer(BaseQuantizer):
         logger.info("SmoothQuant smoothed %d groups, skipped %d", len(self.plan.smoothed), len(self.plan.skipped))
 
 
-# The fold as per-tensor in-place ops: the same arithmetic as producers.fold_into_producer and
-# scales.scale_input_channels (fp32, then cast back), so previewed and applied values agree bit for bit.
-def _divide_rows(s: torch.Tensor, shape: list[int]) -> ParamOp:
-    def op(t: torch.Tensor) -> None:
-        t.copy_((t.float() / s.to(t.device).view(shape)).to(t.dtype))
+def _check_mapped_folds(model: nn.Module, groups: list[SmoothingGroup], run: Callable[[], Any]) -> None:
+    """Refuse mapped groups whose fold changes the model's outputs: fold random scales, run the probe, restore.
 
-    return op
+    All groups are tried at once; if the outputs change, each alone, so the error names the inexact ones. Every
+    parameter is put back bit for bit whatever happens.
+    """
+    if not groups:
+        return
+    reference = [t.detach().clone() for t in output_tensors(run())]
+    if _trial_fold_change(model, groups, run, reference) is None:
+        return
+    changes = {g.producer: _trial_fold_change(model, [g], run, reference) for g in groups}
+    bad = {p: c for p, c in changes.items() if c is not None} or {g.producer: float("nan") for g in groups}
+    lines = [
+        f"{p}: folding random scales into this mapped group changes the model's outputs on the probe input "
+        f"(max relative change {c:.1e}), so it is not exact; fix or remove its mapping"
+        + "".join(f" ({g.reason})" for g in groups if g.producer == p and g.reason)
+        for p, c in bad.items()
+    ]
+    raise SmoothQuantError(
+        f"SmoothQuantConfig.mappings cannot be smoothed exactly in {type(model).__name__}; nothing was changed:\n  - "
+        + "\n  - ".join(lines)
+    )
 
 
-def _fold_norm_weight(s: torch.Tensor, kind: str) -> ParamOp:
-    fold = KINDS_BY_NAME[kind].fold_weight
-
-    def op(t: torch.Tensor) -> None:
-        t.copy_(fold(t.float(), s.to(t.device)).to(t.dtype))
-
-    return op
-
-
-def _scale_columns(columns: torch.Tensor, axis: int) -> ParamOp:
-    def op(t: torch.Tensor) -> None:
-        scale_input_channels(t, axis, columns)
-
-    return op
+def _trial_fold_change(
+    model: nn.Module, groups: list[SmoothingGroup], run: Callable[[], Any], reference: list[torch.Tensor]
+) -> float | None:
+    """The max relative change of the outputs with random scales folded into ``groups`` (None: within tolerance)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    gen = torch.Generator().manual_seed(0)
+    tx = Transaction()
+    try:
+        with torch.no_grad():
+            for g in groups:
+                s = 0.5 + 1.5 * torch.rand(g.channels, generator=gen)  # type: ignore[arg-type]
+                for name, ops in fold_ops(model, g, s).items():
+                    tx.save(params[name])
+                    for op in ops:
+                        op(params[name])
+        got = output_tensors(run())
+    finally:
+        tx.rollback()
+    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in params.values())
+    tol = 5e-2 if low else 1e-4
+    worst = 0.0 if len(reference) == len(got) else float("inf")
+    for r, t in zip(reference, got):
+        if r.shape != t.shape or (not r.is_floating_point() and not torch.equal(r, t)):
+            return float("inf")
+        if r.is_floating_point():
+            worst = max(worst, float((t.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30)))
+    return None if worst <= tol else worst

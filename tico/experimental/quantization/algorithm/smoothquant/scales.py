@@ -1,11 +1,27 @@
-"""The maths of SmoothQuant: scales from statistics and weights, and folding ``s`` into consumer weights.
+"""The maths of SmoothQuant: statistics in, scales out, and the fold of ``s`` into a group's parameters.
+
+- :class:`ChannelAbsMaxObserver`: per-channel ``max |X_j|``, gathered by one hook per smoothing group. It keeps
+  one fp32 vector (never activations), reduces with ``amax``/``amin`` in the input's own dtype (exact for a
+  max), and runs under ``no_grad`` so calibration inside a training loop costs no graph.
+- :func:`smoothing_scales`: ``s_j = max|X_j|**alpha / max|W_j|**(1 - alpha)``.
+- :func:`scale_input_channels` (consumers, ``W * s``) and :func:`fold_ops` (a whole group: the producer's
+  ``1/s`` from :func:`~tico.experimental.quantization.structure.producers.producer_fold_ops`, then every
+  consumer's ``W * s``): the only places the fold arithmetic is written. Preview and apply both run these ops,
+  so a previewed value and an applied one agree bit for bit.
 
 Everything is computed in fp32 whatever the model's dtype, and cast back to each parameter's dtype at the end.
 """
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tico.experimental.quantization.structure.producers import ParamOp, producer_fold_ops
 
 # Below this an activation or weight channel counts as all-zero: its scale is set to 1, because the
 # channel cannot influence the output and any other value would only blow up the other side.
@@ -40,23 +56,46 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
 
 
 @torch.no_grad()
-def scale_input_channels(param: torch.Tensor, axis: int, scales: torch.Tensor, chunk_elems: int = 1 << 24) -> None:
-    """Multiply ``param`` by ``scales`` along ``axis`` in place, computing in fp32.
+def scale_input_channels(
+    param: torch.Tensor,
+    axis: int,
+    scales: torch.Tensor,
+    chunk_elems: int = 1 << 24,
+    compute_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Multiply ``param`` by ``scales`` along ``axis`` in place, computing in ``compute_dtype`` (fp32).
 
-    fp32 parameters are scaled with one in-place multiply; lower-precision ones are processed in slices of
-    ``chunk_elems`` elements so the fp32 temporary stays small for large (e.g. fused expert) tensors.
+    A parameter already in ``compute_dtype`` is scaled with one in-place multiply; others are processed in slices
+    of ``chunk_elems`` elements so the temporary stays small for large (e.g. fused expert) tensors.
     """
     shape = [1] * param.dim()
     shape[axis] = -1
-    s = scales.to(device=param.device, dtype=torch.float32).view(shape)
-    if param.dtype == torch.float32:
+    s = scales.to(device=param.device, dtype=compute_dtype).view(shape)
+    if param.dtype == compute_dtype:
         param.mul_(s)
         return
     rows = max(1, chunk_elems // max(1, param[0].numel())) if param.dim() > 1 else param.shape[0]
     for start in range(0, param.shape[0], rows):
         piece = param[start : start + rows]
         s_piece = s if axis != 0 else s[start : start + rows]
-        piece.copy_((piece.float() * s_piece).to(param.dtype))
+        piece.copy_((piece.to(compute_dtype) * s_piece).to(param.dtype))
+
+
+def fold_ops(model: nn.Module, group: Any, scales: torch.Tensor) -> dict[str, list[ParamOp]]:
+    """Per parameter name, the in-place ops that fold ``scales`` into a smoothing ``group``: ``1/s`` into the
+    producer's weight (and bias), then ``s`` into every consumer's input columns (through its channel map)."""
+    module = model.get_submodule(group.producer)
+    ops = {f"{group.producer}.{name}": [op] for name, op in producer_fold_ops(module, group.kind, scales).items()}
+    for c in group.consumers:
+        ops.setdefault(c.name, []).append(_scale_columns(to_columns(scales, c.channel_map), c.axis))
+    return ops
+
+
+def _scale_columns(columns: torch.Tensor, axis: int) -> ParamOp:
+    def op(t: torch.Tensor) -> None:
+        scale_input_channels(t, axis, columns)
+
+    return op
 
 
 def to_producer_channels(values: torch.Tensor, channel_map: tuple[int, ...] | None, channels: int) -> torch.Tensor:
@@ -74,3 +113,64 @@ def to_producer_channels(values: torch.Tensor, channel_map: tuple[int, ...] | No
 def to_columns(scales: torch.Tensor, channel_map: tuple[int, ...] | None) -> torch.Tensor:
     """The scale each column sees: ``scales[channel_map[j]]`` (``scales`` itself for the identity)."""
     return scales if channel_map is None else scales[torch.tensor(channel_map, device=scales.device)]
+
+
+# -- statistics ------------------------------------------------------------------------------------------
+def channel_absmax_of(flat: torch.Tensor) -> torch.Tensor:
+    """``max_i |flat[i, j]|`` per column ``j``, fp32: ``amax`` and ``amin`` over rows (exact for a max, with no ``|x|``
+    temporary, and cheaper than ``torch.aminmax(dim=0)`` on CPU)."""
+    return torch.maximum(flat.amax(dim=0), flat.amin(dim=0).neg()).float()
+
+
+_RECENT: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+_RECENT_SIZE = 8
+
+
+def tensor_channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """:func:`channel_absmax_of` ``x`` viewed as ``[-1, channels]``, computed once per tensor object and version:
+    a smoothing group's observer and the quantizer's observer of the same tensor (a norm's output is also
+    ``q_proj``'s input) share one reduction. The result is shared: callers must not modify it in place."""
+    key = (id(x), channels)
+    hit = _RECENT.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        return hit[2]
+    result = channel_absmax_of(x.detach().reshape(-1, channels))
+    if len(_RECENT) >= _RECENT_SIZE:
+        _RECENT.pop(next(iter(_RECENT)))
+    _RECENT[key] = (weakref.ref(x), x._version, result)
+    return result
+
+
+class ChannelAbsMaxObserver:
+    """Running ``max |x_j|`` over every leading index of the observed tensor, per channel ``j`` (the last axis)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.absmax: torch.Tensor | None = None
+        self.calls = 0
+        self.rows = 0
+        self.bad_shape: tuple[int, ...] | None = None  # first shape whose last axis was not ``channels``
+
+    @torch.no_grad()
+    def observe(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.channels:
+            if self.bad_shape is None:
+                self.bad_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (type(x).__name__,)  # type: ignore[assignment]
+            return
+        if x.numel() == 0:
+            return
+        current = tensor_channel_absmax(x, self.channels)  # shared: never modified in place
+        if self.absmax is None:
+            self.absmax = current.clone()
+        else:
+            torch.maximum(self.absmax, current, out=self.absmax)
+        self.calls += 1
+        self.rows += x.numel() // self.channels
+
+    def attach(self, model: nn.Module, point: Any) -> RemovableHandle:
+        """Hook this observer at ``point`` (a :class:`~.groups.ObservationPoint`) of ``model``."""
+        module = model.get_submodule(point.module)
+        if point.where == "output":
+            return module.register_forward_hook(lambda _m, _args, out: self.observe(out))
+        arg = point.arg
+        return module.register_forward_pre_hook(lambda _m, args: self.observe(args[arg]) if len(args) > arg else None)

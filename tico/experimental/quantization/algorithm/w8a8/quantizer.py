@@ -603,7 +603,7 @@ class W8A8Quantizer(BaseQuantizer):
         """Smoothing scales applied inside the activation quantizer of a layer whose input no producer absorbs."""
         assert self.sq is not None
         weight = linear.weight.detach().float()
-        alpha = self.sq.config.alpha_for([name])
+        alpha = self.sq.alpha_for([name])
         w_absmax = channel_absmax(weight, 1).to(obs.absmax.device)
 
         def scales_for(a: float) -> torch.Tensor:
