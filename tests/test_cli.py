@@ -488,3 +488,24 @@ def test_static_defaults_are_recorded_and_can_be_turned_off(tiny_model_dir, text
     assert recipes["default"]["act_modes"]  # the fallback measured every layer
     assert recipes["off"]["config"]["dynamic_fallback"] is None and not recipes["off"]["config"]["block_objective"]
     assert not recipes["off"]["act_modes"]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_quantize_a_model_whose_config_has_a_pad_token_id(streaming, stories_dir, text_file, tmp_path):
+    """``"pad_token_id": 2`` as many released Llama configs have: both paths quantize it with the default scheme."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tico.experimental.quantization.export.compressed_tensors import load_compressed
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         pad_token_id=2))
+    folder = tmp_path / "padded"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(stories_dir).save_pretrained(folder)
+    out = tmp_path / "q"
+    extra = () if streaming else ("--in-memory",)
+    assert _quantize(folder, text_file, out, "--samples", "2", "--seq-len", "32", *extra) == 0
+    assert load_compressed(out, backend="fake").config.pad_token_id == 2
