@@ -395,3 +395,27 @@ def test_a_pad_token_id_past_the_rows_held_does_not_break_the_embedding(key, tmp
     _in_memory(src, scheme, batches, tmp_path / "mem")
     _assert_identical(tmp_path / "float", tmp_path / "mem")
 
+
+def test_a_failed_probe_of_the_pipelines_own_inputs_is_reported_as_internal(tmp_path, monkeypatch):
+    """The rest of the model is probed on inputs the pipeline built (token 0, stand-ins): a failure there must
+    name the unit and not ask the caller for other inputs."""
+    import tico.experimental.quantization.pipeline.stream as stream
+
+    real_prepare = stream.prepare
+
+    def boom(module, args):
+        raise ValueError("boom")
+
+    def prepare(unit, config, args=None, kwargs=None):
+        if args is None:  # the rest of the model: its LM head fails
+            unit.get_output_embeddings().register_forward_pre_hook(boom)
+        return real_prepare(unit, config, args=args, kwargs=kwargs)
+
+    monkeypatch.setattr(stream, "prepare", prepare)
+    src = _save(build_model("llama"), tmp_path / "src")
+    with pytest.raises(RuntimeError) as info:
+        quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), _batches("llama"), tmp_path / "o")
+    message = str(info.value)
+    assert "LlamaForCausalLM outside model.layers" in message and "ValueError: boom" in message
+    assert "internal error" in message and "pass inputs" not in message
+    assert not (tmp_path / "o").exists()

@@ -83,11 +83,21 @@ def probe_token_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
 
 
-def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+class ProbeError(RuntimeError):
+    """The probe forward raised ``cause``; the message says whose inputs it ran on."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], own_inputs: bool = False):
     """A forward in eval mode without gradients; the caller's training flags are restored afterwards.
 
     A KV cache is turned off where the model has one: the cache stores values that only the same attention
     reads back (so a smoothed model stays consistent), but the trace would count its concatenation as a read.
+    ``own_inputs``: the inputs are the default probe token ids, not the caller's, so a failure is not blamed on
+    the caller's inputs.
     """
     if "use_cache" in inspect.signature(model.forward).parameters or hasattr(getattr(model, "config", None), "use_cache"):
         kwargs = {"use_cache": False, **kwargs}
@@ -97,9 +107,16 @@ def _run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
         with torch.no_grad():
             return model(*args, **kwargs)
     except Exception as exc:
-        raise RuntimeError(
-            f"SmoothQuant's probe forward of {type(model).__name__} failed ({type(exc).__name__}: {exc}); "
-            "pass inputs the model accepts: prepare(model, config, args=..., kwargs=...)"
+        where = f"SmoothQuant's probe forward of {type(model).__name__}"
+        if own_inputs:
+            raise ProbeError(
+                f"{where} failed on its default probe inputs ({PROBE_TOKENS} token ids below config.vocab_size) "
+                f"({type(exc).__name__}: {exc}); if the model needs other inputs than token ids, pass them: "
+                "prepare(model, config, args=..., kwargs=...)", exc
+            ) from exc
+        raise ProbeError(
+            f"{where} failed on the given inputs ({type(exc).__name__}: {exc}); pass inputs the model accepts: "
+            "prepare(model, config, args=..., kwargs=...)", exc
         ) from exc
     finally:
         for m, training in modes.items():
@@ -167,7 +184,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
         """
         probe_args, probe_kwargs = example_inputs(model, args, kwargs)
         producers = find_producers(model, linear=self.config.linear_producers)
-        flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs))
+        own = args is None and kwargs is None
+        flow = trace_dataflow(model, producers, lambda: _run_probe(model, probe_args, probe_kwargs, own))
         try:
             plan = build_plan(model, flow, self.config)
         except ProbeOutputNotFinite as exc:
