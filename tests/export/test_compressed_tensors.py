@@ -147,3 +147,90 @@ def test_sigterm_and_stale_staging_leave_nothing_behind(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- GPT-2: Conv1D layers, weight stored [in, out] ------------------------------------------------------------
+def _gpt2_converted(config, tmp_path):
+    """A tiny GPT-2 saved to ``tmp_path / "src"``, and its in-memory prepare -> calibrate -> convert with ``config``."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    build_model("gpt2").save_pretrained(src)
+    batches = [input_ids("gpt2", batch=2, seq=16, seed=s) for s in range(3)]
+    model = prepare(AutoModelForCausalLM.from_pretrained(src), config)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    return src, batches, convert(model)
+
+
+def _assert_loads_as(folder, model, ids) -> None:
+    """``load_compressed(folder)`` has an int8 layer wherever ``model`` has one and computes the same logits: same
+    int8 weights, scales and kernels, so bit-identical (no int8-rounding tolerance is needed)."""
+    loaded = load_compressed(folder)
+    ours = {n for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    assert ours and {n for n, m in loaded.named_modules() if isinstance(m, W8A8Linear)} == ours
+    loaded.set_attn_implementation(model.config._attn_implementation)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-static", "w8a8-dynamic"])
+def test_gpt2_conv1d_checkpoint_is_in_gpt2s_layout_and_loads_back(scheme, tmp_path):
+    """The int8 weight of a Conv1D is written [in, out], as GPT-2 checkpoints store it and its loaders (vLLM's
+    transposes every c_attn/c_proj/c_fc weight) read it; scales per output channel. ``load_compressed`` computes
+    what the converted model computes, and writes the same files again."""
+    from tico.experimental.quantization.export.shards import read_tensors, safetensors_files
+    from tico.experimental.quantization.run.schemes import build_config
+
+    src, batches, model = _gpt2_converted(build_config(scheme), tmp_path)
+    save_compressed(model, tmp_path / "q")
+    tensors = dict(read_tensors(safetensors_files(tmp_path / "q")))
+    layer = model.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(layer, W8A8Linear) and layer.weight.shape == (96, 32)  # [out, in] inside the layer
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # [in, out] as the float checkpoint
+    assert torch.equal(tensors["transformer.h.0.attn.c_attn.weight"].t(), layer.weight)
+    assert tensors["transformer.h.0.attn.c_attn.weight_scale"].shape == (96, 1)
+    _assert_loads_as(tmp_path / "q", model, batches[0])
+    save_compressed(load_compressed(tmp_path / "q"), tmp_path / "again")
+    again = dict(read_tensors(safetensors_files(tmp_path / "again")))
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("scheme,options", [
+    ("w8a8-dynamic", {}),
+    # block_objective=False: with it, GPT-2's in-memory and streamed block choices differ (a separate issue)
+    ("w8a8-static", {"block_objective": False}),
+])
+def test_gpt2_streamed_checkpoint_loads_back_as_the_in_memory_model(scheme, options, tmp_path):
+    from tico.experimental.quantization.pipeline import quantize_checkpoint
+    from tico.experimental.quantization.run.schemes import build_config
+
+    config = build_config(scheme, **options)
+    src, batches, model = _gpt2_converted(config, tmp_path)
+    quantize_checkpoint(src, config, batches, tmp_path / "stream", propagate="float")
+    _assert_loads_as(tmp_path / "stream", model, batches[0])
+
+
+def test_gpt2_conv1d_kept_in_float_is_ignored_and_loads_back(tmp_path):
+    """A Conv1D left in float is in compressed-tensors' ignore list (vLLM's Linear target would match it)."""
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", ignore=("transformer.h.0.mlp.c_proj",))
+    _, batches, model = _gpt2_converted(config, tmp_path)
+    save_compressed(model, tmp_path / "q")
+    ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "transformer.h.0.mlp.c_proj" in ignore
+    assert not isinstance(load_compressed(tmp_path / "q").get_submodule("transformer.h.0.mlp.c_proj"), W8A8Linear)
+    _assert_loads_as(tmp_path / "q", model, batches[0])
+
+
+def test_a_conv1d_weight_in_the_wrong_layout_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, model = _gpt2_converted(W8A8Config(activations="dynamic"), tmp_path)
+    save_compressed(model, tmp_path / "q")
+    path = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"].t().contiguous()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight is int8 \(64, 32\).*Conv1D"):
+        load_compressed(tmp_path / "q")

@@ -363,3 +363,59 @@ def test_vocabulary_matrices_are_never_loaded_whole(tied, tmp_path, monkeypatch)
     assert groups(result.plan) == groups(quantizer.plan)
     assert any(g["producer"] == "model.norm" for g in groups(result.plan))  # the rest's group, traced with stand-ins
     assert result.report.kept_float == quantizer.report.kept_float
+
+
+# Pad ids as released configs set them, inside the real vocabulary but past the rows the pipeline holds (the
+# calibration tokens' rows for the blocks' inputs, a one-row stand-in for the rest of the model): Llama
+# checkpoints' 2, Phi-3's 32000 (of 32064), OPT's 1.
+PADDED = {"llama": dict(pad_token_id=2), "phi3": dict(pad_token_id=32000, vocab_size=32064), "opt": dict(pad_token_id=1)}
+
+
+@pytest.mark.parametrize("key", list(PADDED))
+def test_a_pad_token_id_past_the_rows_held_does_not_break_the_embedding(key, tmp_path):
+    """The default static scheme, streamed (default propagation, then float propagation, which must equal the
+    in-memory prepare/convert bit for bit) on a config with a pad id; the checkpoint loads back."""
+    from tico.experimental.quantization.run.schemes import build_config
+
+    spec = ARCHITECTURES[key]
+    config = spec.config_cls(**{**spec.config_kwargs, **PADDED[key]})
+    torch.manual_seed(0)
+    model = spec.model_cls._from_config(config, dtype=torch.float32).eval()
+    assert model.get_input_embeddings().padding_idx == config.pad_token_id  # the case under test
+    src = _save(model, tmp_path / "src")
+    batches = _batches(key)
+    batches[0][0, -4:] = config.pad_token_id  # padded calibration text: the pad row is among the rows held
+    scheme = build_config("w8a8-static")
+    quantize_checkpoint(src, scheme, batches, tmp_path / "stream")
+    loaded = load_compressed(tmp_path / "stream", backend="fake")
+    assert sum(isinstance(m, W8A8Linear) for m in loaded.modules()) > 0
+    with torch.no_grad():
+        assert torch.isfinite(loaded(batches[1]).logits).all()
+    quantize_checkpoint(src, scheme, batches, tmp_path / "float", propagate="float")
+    _in_memory(src, scheme, batches, tmp_path / "mem")
+    _assert_identical(tmp_path / "float", tmp_path / "mem")
+
+
+def test_a_failed_probe_of_the_pipelines_own_inputs_is_reported_as_internal(tmp_path, monkeypatch):
+    """The rest of the model is probed on inputs the pipeline built (token 0, stand-ins): a failure there must
+    name the unit and not ask the caller for other inputs."""
+    import tico.experimental.quantization.pipeline.stream as stream
+
+    real_prepare = stream.prepare
+
+    def boom(module, args):
+        raise ValueError("boom")
+
+    def prepare(unit, config, args=None, kwargs=None):
+        if args is None:  # the rest of the model: its LM head fails
+            unit.get_output_embeddings().register_forward_pre_hook(boom)
+        return real_prepare(unit, config, args=args, kwargs=kwargs)
+
+    monkeypatch.setattr(stream, "prepare", prepare)
+    src = _save(build_model("llama"), tmp_path / "src")
+    with pytest.raises(RuntimeError) as info:
+        quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), _batches("llama"), tmp_path / "o")
+    message = str(info.value)
+    assert "LlamaForCausalLM outside model.layers" in message and "ValueError: boom" in message
+    assert "internal error" in message and "pass inputs" not in message
+    assert not (tmp_path / "o").exists()

@@ -175,6 +175,19 @@ def test_model_without_vocab_needs_example_inputs():
     assert [g.producer for g in get_quantizer(model).plan.smoothed] == ["0"]
 
 
+
+def test_a_failed_probe_blames_the_inputs_only_when_the_caller_gave_them():
+    def boom(module, args):
+        raise ValueError("boom")
+
+    model = tiny_llama()
+    model.get_output_embeddings().register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="LlamaForCausalLM failed on its default probe inputs") as own:
+        prepare(model, SmoothQuantConfig())
+    assert "ValueError: boom" in str(own.value) and "pass inputs the model accepts" not in str(own.value)
+    with pytest.raises(RuntimeError, match=r"failed on the given inputs \(ValueError: boom\); pass inputs the model accepts"):
+        prepare(model, SmoothQuantConfig(), args=(IDS,))
+
 # -- equivalence, inplace, dtypes ---------------------------------------------------------------------------
 @pytest.mark.parametrize("acts_from", ["input", "output"])
 def test_llama_equivalent_and_clean(acts_from, caplog):

@@ -2,7 +2,10 @@
 
 Layout: every :class:`W8A8Linear` becomes ``<name>.weight`` (int8 ``[out, in]``), ``<name>.weight_scale``
 (``[out, 1]`` per channel or ``[1]`` per tensor, in the model's float dtype) and, for static activations,
-``<name>.input_scale``; everything else is saved as in ``save_pretrained``. ``config.json`` gets the
+``<name>.input_scale``; everything else is saved as in ``save_pretrained``. A layer that replaced GPT-2's
+``Conv1D`` keeps GPT-2's ``[in, out]`` weight layout (``weight_stored_transposed``): vLLM's GPT-2 loader transposes
+every ``c_attn``/``c_proj``/``c_fc`` weight, whatever its dtype, into its Linear layers, so ``[out, in]`` would
+reach them transposed; the scales stay ``[out, 1]``, which it does not transpose. ``config.json`` gets the
 ``quantization_config`` block, built with compressed-tensors' own ``QuantizationConfig`` /
 ``QuantizationScheme`` / ``QuantizationArgs`` classes (they validate it and follow the format's changes).
 Weights go into sharded safetensors with an index, like transformers (see :mod:`.shards`).
@@ -24,6 +27,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from tico.experimental.quantization.structure.producers import linear_output_axis
 from tico.experimental.quantization.export import transforms
 from tico.experimental.quantization.export.fusion import mixed_fused_groups
 from tico.experimental.quantization.export.layers import w8a8_layers
@@ -80,8 +84,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
 
 
 def float_linears(model: nn.Module, prefix: str = "") -> list[str]:
-    """Names of the ``nn.Linear`` layers that stay in float (compressed-tensors' ``ignore`` list)."""
-    return [prefix + n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, W8A8Linear)]
+    """Names of the Linear-like layers (``nn.Linear``, GPT-2 ``Conv1D``) that stay in float: compressed-tensors'
+    ``ignore`` list (vLLM serves GPT-2's ``Conv1D`` as Linear layers, which a ``Linear`` target matches)."""
+    return [prefix + n for n, m in model.named_modules() if linear_output_axis(m) is not None and not isinstance(m, W8A8Linear)]
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -123,7 +128,8 @@ def compressed_tensors_of(model: nn.Module, dtype: torch.dtype, prefix: str = ""
         tensors[prefix + name] = value.detach()
     for name, layer in layers.items():
         state = layer.quantization_state()
-        tensors[f"{prefix}{name}.weight"] = state["weight"].to(torch.int8)
+        weight = state["weight"].to(torch.int8)
+        tensors[f"{prefix}{name}.weight"] = weight.t().contiguous() if state["weight_stored_transposed"] else weight
         tensors[f"{prefix}{name}.weight_scale"] = state["weight_scale"].to(dtype)
         if state["bias"] is not None:
             tensors[f"{prefix}{name}.bias"] = state["bias"]
@@ -191,18 +197,27 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
     model = AutoModelForCausalLM.from_config(config).eval()
     tensors = dict(read_tensors(safetensors_files(path)))
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and tensors.get(f"{name}.weight", torch.empty(0)).dtype == torch.int8:
-            scale = tensors[f"{name}.weight_scale"]
-            static = f"{name}.input_scale" in tensors
-            layer = W8A8Linear(
-                module.in_features, module.out_features, bias=module.bias is not None,
-                weight_granularity="per_channel" if scale.numel() > 1 else "per_tensor",
-                act_granularity="per_tensor" if static else "per_token",
-                act_scale=float(tensors[f"{name}.input_scale"]) if static else None,
-                backend=backend, dtype=module.weight.dtype,
-            )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
+        axis = linear_output_axis(module)  # 1: GPT-2's Conv1D, weight stored [in, out]
+        if axis is None or tensors.get(f"{name}.weight", torch.empty(0)).dtype != torch.int8:
+            continue
+        stored = tensors[f"{name}.weight"]
+        if stored.shape != module.weight.shape:
+            raise ValueError(f"{path}: {name}.weight is int8 {tuple(stored.shape)}, but {type(module).__name__} {name} "
+                             f"holds {tuple(module.weight.shape)} ([in, out] for Conv1D, [out, in] for Linear)")
+        if axis == 1:
+            tensors[f"{name}.weight"] = stored.t().contiguous()
+        scale = tensors[f"{name}.weight_scale"]
+        static = f"{name}.input_scale" in tensors
+        layer = W8A8Linear(
+            module.weight.shape[1 - axis], module.weight.shape[axis], bias=module.bias is not None,
+            weight_granularity="per_channel" if scale.numel() > 1 else "per_tensor",
+            act_granularity="per_tensor" if static else "per_token",
+            act_scale=float(tensors[f"{name}.input_scale"]) if static else None,
+            backend=backend, dtype=module.weight.dtype,
+        )
+        layer.weight_stored_transposed = axis == 1
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
     online = transforms.online_names(qconfig.get("transform_config"))
     transform_keys = {k for k in tensors for n in online if k.startswith(n + ".") and k.endswith("_input.weight")}
     state = {k: v for k, v in tensors.items() if k not in transform_keys}

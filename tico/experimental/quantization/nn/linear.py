@@ -112,6 +112,9 @@ class W8A8Linear(nn.Module):
     bias: torch.Tensor | None
     act_scale: torch.Tensor | None
     smooth_scale: torch.Tensor | None
+    # Set when the layer replaces one that stores its weight as [in, out] (GPT-2's Conv1D): that model's
+    # checkpoints keep that layout, which its loaders expect (vLLM's transposes it), so an exporter writes it so.
+    weight_stored_transposed: bool = False
 
     def __init__(
         self,
@@ -230,11 +233,12 @@ class W8A8Linear(nn.Module):
         Keys: ``weight`` (int8 ``[out, in]``), ``weight_scale`` (fp32 ``[out, 1]`` or ``[1]``), ``bias``,
         ``input_scale`` (fp32 ``[1]`` static scale, or ``None`` when dynamic), ``smooth_scale`` (``[in]`` or
         ``None``: a compressed-tensors runtime does not apply it, so an exporter must fold it into the producer
-        of the input or refuse), and ``weight_granularity``, ``act_granularity``, ``dynamic``, ``symmetric``,
-        ``bits``.
+        of the input or refuse), ``weight_stored_transposed`` (checkpoints of the replaced layer hold the weight
+        as ``[in, out]``), and ``weight_granularity``, ``act_granularity``, ``dynamic``, ``symmetric``, ``bits``.
         """
         return {
             "weight": self.weight,
+            "weight_stored_transposed": self.weight_stored_transposed,
             "weight_scale": self.weight_scale,
             "bias": self.bias,
             "input_scale": None if self.act_scale is None else self.act_scale.reshape(1),

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS, probe_token_ids, vocab_size
+from tico.experimental.quantization.structure.probe import PROBE_TOKENS, ProbeError, probe_token_ids, vocab_size
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.config.w8a8 import W8A8Config
@@ -409,8 +409,9 @@ def _process_block(
     shell = BlockShell(blocks_path, i, block)
     probe_h, probe_call = (hidden[0], calls[0]) if probe is None else probe
     next_probe = None if probe is None else _hidden_of(probe_call(shell, probe_h)).detach()  # before any hook
-    prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(probe_h, *probe_call.args),
-            kwargs=probe_call.kwargs if probe_call.hidden_key is None else {**probe_call.kwargs, probe_call.hidden_key: probe_h})
+    with _own_probe(block_path):
+        prepare(shell, scoped_config(config, block_path, blocks_path, shell), args=(probe_h, *probe_call.args),
+                kwargs=probe_call.kwargs if probe_call.hidden_key is None else {**probe_call.kwargs, probe_call.hidden_key: probe_h})
     quantizer = get_quantizer(shell)  # convert detaches it: kept for the plan and report
     outputs, returns_tuple = [], False
     for h, call in zip(hidden, calls):
@@ -450,6 +451,21 @@ def _summary_or_empty(unit: nn.Module) -> str:
 
 
 @contextmanager
+def _own_probe(unit: str) -> Iterator[None]:
+    """prepare's probe forward of a unit runs on inputs this pipeline built (the probe tokens' captured states,
+    token 0 with stand-ins), not on anything the caller passed: a failure is reported as the pipeline's own."""
+    try:
+        yield
+    except ProbeError as exc:
+        raise ProbeError(
+            f"{unit}: the probe forward failed on the inputs the streamed pipeline built itself "
+            f"({type(exc.cause).__name__}: {exc.cause}); this is an internal error of the pipeline, not a problem "
+            "with the calibration data: please report it, and quantize in memory meanwhile (tico-sq quantize "
+            "--in-memory, or prepare/convert)", exc.cause
+        ) from exc
+
+
+@contextmanager
 def _quiet_if_nothing_to_do() -> Iterator[None]:
     """Outside the blocks there is usually nothing to quantize (the LM head stays float, the final norm feeds only
     it): the quantizers' "nothing to do" warnings are expected there, so they are silenced for that unit."""
@@ -475,7 +491,7 @@ def _process_rest(
     last: BlockStub = block_list[len(block_list) - 1]  # type: ignore[assignment]
     scoped = scoped_config(config, None, blocks_path, model)
     probe = {"input_ids": torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=device)} if passthrough else None
-    with _quiet_if_nothing_to_do():
+    with _quiet_if_nothing_to_do(), _own_probe(f"{type(model).__name__} outside {blocks_path}"):
         prepare(model, scoped, kwargs=probe)
     quantizer = get_quantizer(model)
     idle = getattr(quantizer, "observers", None) == {} and not getattr(quantizer, "attention_modules", None)

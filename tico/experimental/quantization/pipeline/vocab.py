@@ -7,6 +7,10 @@
   export): :func:`passthrough_matrices` says when, and the rest of the model is then prepared and converted with
   tiny stand-ins in their place (the quantizers' plans and reports do not depend on the vocabulary size), while
   the output gets the checkpoint's tensors copied in row ranges (:meth:`Passthrough.chunks`).
+
+An embedding holding such a subset has no ``padding_idx`` meanwhile: the config's pad id is a row of the full
+vocabulary, which the subset may not have (torch refuses a ``padding_idx`` past the weight's rows), and it only
+steers gradients, so no forward value depends on it.
 """
 
 from __future__ import annotations
@@ -97,9 +101,10 @@ def gathered_embedding(ckpt: Checkpoint, model: nn.Module, batches: list[Any]) -
     if stored is None or (len(ids) and int(ids[-1]) >= stored.shape[0]) or (len(ids) and int(ids[0]) < 0):
         yield [], []
         return
-    original = embedding.weight
+    original, padding_idx = embedding.weight, embedding.padding_idx
     skipped = _names_of(model, original)
     embedding.weight = nn.Parameter(stored.rows(ids).to(original.dtype), requires_grad=False)
+    embedding.padding_idx = None  # see the module docstring: a full-vocabulary row the subset may lack
 
     def remap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
@@ -112,7 +117,7 @@ def gathered_embedding(ckpt: Checkpoint, model: nn.Module, batches: list[Any]) -
         yield skipped, stored_keys(ckpt, model, skipped)
     finally:
         handle.remove()
-        embedding.weight = original
+        embedding.weight, embedding.padding_idx = original, padding_idx
 
 
 def untied_head(ckpt: Checkpoint, model: nn.Module) -> tuple[list[str], list[str]]:
@@ -138,10 +143,15 @@ class Passthrough:
     standin: nn.Parameter | None = None
 
     def install(self, model: nn.Module, device: torch.device) -> None:
+        """Put the one-row stand-in in place; an embedding owning it forgets its ``padding_idx``, a row of the
+        full vocabulary that the stand-in lacks (the skeleton is not used after the rest is written)."""
         self.standin = nn.Parameter(torch.zeros(1, *self.source.shape[1:], dtype=self.dtype, device=device), requires_grad=False)
         for name in self.names:
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, self.standin)
+            module = model.get_submodule(owner)
+            setattr(module, attr, self.standin)
+            if isinstance(module, nn.Embedding):
+                module.padding_idx = None
 
     def is_standin(self, tensor: torch.Tensor) -> bool:
         s = self.standin

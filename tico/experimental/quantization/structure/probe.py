@@ -45,11 +45,21 @@ def example_inputs(
     return (), {"input_ids": probe_token_ids(vocab).to(device)}
 
 
-def run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+class ProbeError(RuntimeError):
+    """The probe forward raised ``cause``; the message says whose inputs it ran on."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], own_inputs: bool = False) -> Any:
     """A forward in eval mode without gradients; the caller's training flags are restored afterwards.
 
     A KV cache is turned off where the model has one: the cache stores values that only the same attention
     reads back (so a transformed model stays consistent), but the trace would count its concatenation as a read.
+    ``own_inputs``: the inputs are the library's default probe token ids, not the caller's, so a failure is not
+    blamed on the caller's inputs.
     """
     if "use_cache" in inspect.signature(model.forward).parameters or hasattr(getattr(model, "config", None), "use_cache"):
         kwargs = {"use_cache": False, **kwargs}
@@ -59,9 +69,16 @@ def run_probe(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         with torch.no_grad():
             return model(*args, **kwargs)
     except Exception as exc:
-        raise RuntimeError(
-            f"the probe forward of {type(model).__name__} failed ({type(exc).__name__}: {exc}); "
-            "pass inputs the model accepts: prepare(model, config, args=..., kwargs=...)"
+        where = f"the probe forward of {type(model).__name__}"
+        if own_inputs:
+            raise ProbeError(
+                f"{where} failed on its default probe inputs ({PROBE_TOKENS} token ids below config.vocab_size) "
+                f"({type(exc).__name__}: {exc}); if the model needs other inputs than token ids, pass them: "
+                "prepare(model, config, args=..., kwargs=...)", exc
+            ) from exc
+        raise ProbeError(
+            f"{where} failed on the given inputs ({type(exc).__name__}: {exc}); pass inputs the model accepts: "
+            "prepare(model, config, args=..., kwargs=...)", exc
         ) from exc
     finally:
         for m, training in modes.items():

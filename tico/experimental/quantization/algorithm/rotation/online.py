@@ -63,7 +63,7 @@ def add_online_rotations(
     if not targets:
         raise ValueError(f"no plain nn.Linear named *.{suffixes} in {type(model).__name__} to rotate online")
     probe = example_inputs(model, None, None)
-    reference = _logits(run_probe(model, *probe)).double()
+    reference = _logits(run_probe(model, *probe, own_inputs=True)).double()
     rotations: dict[int, Rotation] = {}
     done: dict[str, Rotation] = {}
     for name, linear in targets.items():
@@ -77,7 +77,7 @@ def add_online_rotations(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, RotatedInputLinear(inner, r.float().unsqueeze(0), None))
         done[name] = rot
-    got = _logits(run_probe(model, *probe)).double()
+    got = _logits(run_probe(model, *probe, own_inputs=True)).double()
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
     if not err <= tolerance:
         for name, linear in targets.items():

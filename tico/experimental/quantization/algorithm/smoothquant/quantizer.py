@@ -124,8 +124,10 @@ class SmoothQuantQuantizer(BaseQuantizer):
         found = find_producers(model, linear=self.config.linear_producers)
         producers = {n: m for n, m in model.named_modules() if n in found or n in mapped}
 
+        own = args is None and kwargs is None  # the default token ids: a failure is not the caller's inputs'
+
         def run() -> Any:
-            return run_probe(model, probe_args, probe_kwargs)
+            return run_probe(model, probe_args, probe_kwargs, own_inputs=own)
 
         flow = trace_dataflow(model, producers, run)
         try:

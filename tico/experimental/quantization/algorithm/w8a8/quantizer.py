@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.groups import ObservationPoint, SmoothingGroup
-from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS
+from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax, smoothing_scales, to_columns
 from tico.experimental.quantization.algorithm.w8a8 import attention, block_objective, dynamic_fallback
@@ -338,6 +338,9 @@ class W8A8Quantizer(BaseQuantizer):
                 for n, r in ranges.items():
                     if r != top:
                         layers[n] = self._plan_layer(model, n, smoothing, quant, report, act_range=top)
+        for name, layer in layers.items():  # GPT-2's Conv1D: exported in its checkpoints' [in, out] layout
+            if isinstance(layer, W8A8Linear) and linear_output_axis(model.get_submodule(name)) == 1:
+                layer.weight_stored_transposed = True
         return layers
 
     def _shared_input_groups(self, names: list[str], smoothing: ScalePlan | None) -> list[list[str]]:
