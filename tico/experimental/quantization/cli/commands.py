@@ -120,6 +120,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if result.notes:
         out(result.notes)
     out(result.summary())
+    from tico.experimental.quantization.export.transforms import checkpoint_engines
+
+    out(checkpoint_engines(args.output))  # which loaders/engines compute this checkpoint correctly
     out(f"saved {args.scheme} checkpoint to {args.output} in {time.perf_counter() - start:.1f}s "
         f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
     return 0
