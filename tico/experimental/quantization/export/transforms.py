@@ -149,8 +149,8 @@ def engines_line(quantization_config: dict[str, Any] | None) -> str:
         return "runs with: any loader of a float transformers checkpoint (from_pretrained, vLLM)"
     if quantization_config.get("transform_config"):
         return f"runs with: {ENGINES}"
-    return ("runs with: vLLM, transformers' from_pretrained (compressed-tensors, int8 dequantized to float) and "
-            "tico's load_compressed")
+    return ("runs with: vLLM, tico's load_compressed, and transformers' from_pretrained through compressed-tensors "
+            "(int8 simulated in float)")
 
 
 def checkpoint_engines(folder: str | Path) -> str:
