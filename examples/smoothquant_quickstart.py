@@ -21,6 +21,7 @@ import torch
 
 from tico.experimental.quantization.run.calibration import quantize_model
 from tico.experimental.quantization.evaluation import perplexity, read_text
+from tico.experimental.quantization.evaluation.outliers import decisions_summary
 from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 from tico.experimental.quantization.run.schemes import build_config
 from tico.experimental.quantization.run.workflow import calibration_set, run_metadata, save_quantized
@@ -57,7 +58,8 @@ def main() -> None:
     scheme = f"w8a8-{args.w8a8}" if args.w8a8 else "smooth"
     config = build_config(scheme, alpha)
     result = quantize_model(model, config, calibration.windows, batch_size=4)
-    print(result.plan.summary())          # per block: smoothed groups with their alpha, skipped groups with the reason
+    # per block, what convert did with each group: its alpha, or unsmoothed/skipped and why (from its own report)
+    print(decisions_summary(result.plan, result.report))
     print(result.summary())               # alphas, static ranges, layers kept in float
 
     after = perplexity(result.model, None, held_out, seq_len=args.seq_len, max_windows=8).ppl

