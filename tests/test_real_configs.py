@@ -1,6 +1,6 @@
 """A zoo of real configs through the default command: every released config in ``real_configs`` is built tiny,
 saved sharded (fp32 and bf16), quantized by ``tico-sq quantize`` with each scheme's defaults (streamed and
-``--in-memory``), loaded back and compared with the float model.
+``--in-memory``; bf16 in memory with the default scheme only), loaded back and compared with the float model.
 
 Bounds: ``smooth`` is exact in float (tight bound); the W8A8 schemes are compared by the relative error of
 the logits, ``|q - f| / |f - mean(f)|`` over all positions, a bound generous for int8 on random weights
@@ -25,6 +25,7 @@ from zoo import _perturb_norms
 
 SEQ, SAMPLES = 16, 4
 SCHEMES = ["smooth", "w8a8-dynamic", "w8a8-static"]
+DEFAULT_SCHEME = "w8a8-static"  # tico-sq quantize's default --scheme
 KEYS = [c.key for c in R.CONFIGS]
 PAD_CONV1D = "fixed on branch fix-pad-conv1d"
 # "Padding_idx must be within num_embeddings" (the vocabulary subset of the rest-of-model pass keeps the
@@ -44,6 +45,8 @@ def cases():
         for scheme in SCHEMES:
             for dtype in (torch.float32, torch.bfloat16):
                 for streamed in (True, False):
+                    if dtype == torch.bfloat16 and not streamed and scheme != DEFAULT_SCHEME:
+                        continue  # bf16 x in-memory: the default scheme only, to keep the file near a minute
                     reason = KNOWN.get((key, scheme, streamed))
                     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
                     ident = f"{key}-{scheme}-{'fp32' if dtype == torch.float32 else 'bf16'}-{'streamed' if streamed else 'in-memory'}"
