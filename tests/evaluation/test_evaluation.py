@@ -88,29 +88,31 @@ def test_stream_has_one_bos_and_no_length_warning(tokenizer, text, stream):
     assert abs(ids.numel() - 393_000) < 1_000  # the README's "393k tokens"
 
 
-def test_token_windows_are_disjoint_cuts_of_the_stream(tokenizer, text, stream):
+def test_token_windows_are_bos_plus_disjoint_cuts_of_the_stream(tokenizer, text, stream):
     head = text[:20_000]
-    ids = tokenize_text(tokenizer, head)
+    ids = tokenize_text(tokenizer, head, add_bos=False)  # the stream without BOS
+    body = SEQ - 1  # each window is the BOS (this tokenizer adds one) and SEQ - 1 tokens of the stream
     windows = token_windows(tokenizer, head, SEQ)
-    assert windows.dtype == torch.long and windows.shape == (ids.numel() // SEQ, SEQ)
-    assert torch.equal(windows.reshape(-1), ids[: windows.numel()])  # adjacent, disjoint, in order
-    assert windows[0, 0] == 1 and int((windows == 1).sum()) == 1  # BOS only at the very start
-    assert torch.equal(windows, stream[: windows.numel()].view(-1, SEQ))  # a prefix tokenizes the same
+    assert windows.dtype == torch.long and windows.shape == (ids.numel() // body, SEQ)
+    assert (windows[:, 0] == 1).all() and int((windows == 1).sum()) == windows.size(0)  # one BOS per window
+    assert torch.equal(windows[:, 1:].reshape(-1), ids[: windows.size(0) * body])  # adjacent, disjoint, in order
+    assert torch.equal(windows[:, 1:], stream[1 : 1 + windows.size(0) * body].view(-1, body))  # a prefix tokenizes the same
 
     no_bos = token_windows(tokenizer, head, SEQ, num_windows=3, add_bos=False)
-    assert torch.equal(no_bos.reshape(-1), ids[1 : 1 + 3 * SEQ]) and not (no_bos == 1).any()
+    assert torch.equal(no_bos.reshape(-1), ids[: 3 * SEQ]) and not (no_bos == 1).any()
 
     strided = token_windows(tokenizer, head, SEQ, num_windows=4, start=10, stride=100)
     for k in range(4):
-        assert torch.equal(strided[k], ids[10 + 100 * k : 10 + 100 * k + SEQ])
-    assert torch.equal(token_windows(None, ids, SEQ), windows)  # pre-tokenized streams are accepted
-    assert torch.equal(cut_windows(ids[None], SEQ, num_windows=2), windows[:2])
+        assert strided[k, 0] == 1 and torch.equal(strided[k, 1:], ids[10 + 100 * k : 10 + 100 * k + body])
+    flat = torch.cat([ids[None, :1], ids[None, 1 : 1 + SEQ]], dim=1)[0]
+    assert torch.equal(token_windows(None, flat, SEQ), flat[None, :SEQ])  # pre-tokenized streams are cut as they are
+    assert torch.equal(cut_windows(ids[None], SEQ, num_windows=2), ids[: 2 * SEQ].view(2, SEQ))
 
 
 def test_too_short_text_is_refused_with_the_numbers(tokenizer):
     short = "Once upon a time there was a cat."
-    n = tokenize_text(tokenizer, short).numel()
-    with pytest.raises(ValueError, match=rf"{n} tokens.*seq_len={SEQ}.*needs at least {SEQ}"):
+    n = tokenize_text(tokenizer, short, add_bos=False).numel()
+    with pytest.raises(ValueError, match=rf"{n} tokens.*needs at least {SEQ - 1}.*seq_len={SEQ} is the BOS and {SEQ - 1}"):
         token_windows(tokenizer, short, SEQ)
     ids = torch.arange(1000) % 500
     with pytest.raises(ValueError, match=r"4 windows .* need 1024 tokens, but the text has 1000 \(room for 3"):

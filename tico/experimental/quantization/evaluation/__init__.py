@@ -12,6 +12,8 @@ so calibration, perplexity and fidelity all see the same tokens.
 
 from tico.experimental.quantization.evaluation.data import (
     bos_token_id,
+    leading_bos,
+    text_tokens_per_window,
     calibration_windows,
     cut_windows,
     read_text,
@@ -28,6 +30,8 @@ __all__ = [
     "token_windows",
     "calibration_windows",
     "bos_token_id",
+    "leading_bos",
+    "text_tokens_per_window",
     "PerplexityResult",
     "perplexity",
     "model_logits",

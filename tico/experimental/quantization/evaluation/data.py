@@ -2,8 +2,11 @@
 
 All evaluation in this package follows one convention, so numbers from different tools can be compared:
 the whole text is tokenized **once** as one stream (no per-line or per-chunk tokenization, which would
-insert a BOS / dummy-prefix space at every boundary and change the token sequence), with a single BOS at
-the very start when the tokenizer has one. Windows are then cut from that stream by token position.
+insert a BOS / dummy-prefix space at every boundary and change the token sequence). Windows are then cut
+from that stream by token position, and each window begins the way the model's tokenizer begins a text:
+with its BOS when it adds one (see :func:`leading_bos`), followed by ``seq_len - 1`` tokens of the stream.
+A model runs every prompt from its BOS; a window without one puts it in a regime it never runs in, and the
+massive activations that sit on the first token would be calibrated on the wrong token.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ __all__ = [
     "token_windows",
     "calibration_windows",
     "bos_token_id",
+    "leading_bos",
+    "text_tokens_per_window",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,23 +61,49 @@ def read_text(path: str | os.PathLike[str]) -> str:
 
 
 def bos_token_id(tokenizer: Any) -> int | None:
-    """The tokenizer's BOS id, or ``None`` when it has none (GPT-2-style BPE tokenizers, for example)."""
+    """The tokenizer's BOS id, or ``None`` when it has none; whether it is added is :func:`leading_bos`."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return int(bos) if bos is not None else None
+
+
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer begins every text with, or ``None`` when it begins a text without one.
+
+    Asked of the tokenizer itself (``tokenizer("a")``), because a declared BOS is not always added (GPT-2's
+    ``<|endoftext|>`` is its BOS but it is never prepended) and ``add_bos_token`` is not always set where a
+    post-processor adds it. ``add_bos_token`` decides only when the tokenizer returns no ids for ``"a"``.
+    """
+    bos = bos_token_id(tokenizer)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    if len(ids):
+        return bos if int(ids[0]) == bos else None
+    return bos if getattr(tokenizer, "add_bos_token", False) else None
+
+
+def text_tokens_per_window(tokenizer: Any, seq_len: int, add_bos: bool = True) -> int:
+    """How many tokens of the text's stream one window of ``seq_len`` holds (one fewer when it begins with BOS).
+
+    Disjoint windows from :func:`token_windows` advance through the stream by this much, so the first ``k``
+    of them end at stream token ``k * text_tokens_per_window(...)``: where scoring may start without reusing
+    calibration tokens.
+    """
+    return seq_len - 1 if add_bos and leading_bos(tokenizer) is not None else seq_len
 
 
 def tokenize_text(tokenizer: Any, text: str, add_bos: bool = True) -> torch.Tensor:
     """Tokenize ``text`` as one stream; returns a 1-D ``LongTensor``.
 
     Special tokens are not added by the tokenizer (its post-processor might add BOS and/or EOS, and
-    only one BOS at the very start is wanted); when ``add_bos`` is true and the tokenizer has a BOS
-    token, it is prepended once. ``verbose=False`` silences the "sequence length is longer than the
+    only one BOS at the very start is wanted); when ``add_bos`` is true and the tokenizer begins a text
+    with a BOS (:func:`leading_bos`), it is prepended once. ``verbose=False`` silences the "sequence length is longer than the
     specified maximum" warning, which is irrelevant here: the stream is cut into windows afterwards.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    bos = bos_token_id(tokenizer) if add_bos else None
+    bos = leading_bos(tokenizer) if add_bos else None
     if bos is not None:
         ids = [bos, *ids]
     return torch.tensor(ids, dtype=torch.long)
@@ -149,16 +180,30 @@ def token_windows(
     stride: int | None = None,
     add_bos: bool = True,
 ) -> torch.Tensor:
-    """Tokenize ``text`` once (one BOS at the very start) and cut windows; returns ``[n, seq_len]``.
+    """Tokenize ``text`` once and cut windows that begin as the tokenizer begins a text; returns ``[n, seq_len]``.
 
-    ``text`` may also be an already tokenized stream (a ``[N]`` or ``[1, N]`` LongTensor), in which case
-    ``tokenizer`` and ``add_bos`` are not used. ``start`` counts tokens of the stream, BOS included, so
-    only a window that starts at 0 begins with the BOS. See :func:`cut_windows` for the other arguments
-    and the errors.
+    When ``add_bos`` is true and the tokenizer begins a text with a BOS (:func:`leading_bos`), every window
+    is that BOS followed by ``seq_len - 1`` tokens of the stream; otherwise it is ``seq_len`` tokens of the
+    stream. ``start`` and ``stride`` count tokens of the stream (no BOS in it); ``stride`` defaults to the
+    stream tokens per window (:func:`text_tokens_per_window`), so disjoint windows cover the text without
+    gaps. ``text`` may also be an already tokenized stream (a ``[N]`` or ``[1, N]`` LongTensor), which is
+    cut as it is: ``tokenizer`` and ``add_bos`` are not used. See :func:`cut_windows` for the errors.
     """
-    ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text, add_bos=add_bos)
-    windows = cut_windows(ids, seq_len, num_windows=num_windows, start=start, stride=stride)
-    logger.debug("cut %d windows of %d tokens from a stream of %d tokens", windows.size(0), seq_len, ids.numel())
+    if isinstance(text, torch.Tensor):
+        return cut_windows(text, seq_len, num_windows=num_windows, start=start, stride=stride)
+    ids = tokenize_text(tokenizer, text, add_bos=False)
+    bos = leading_bos(tokenizer) if add_bos else None
+    if bos is None:
+        windows = cut_windows(ids, seq_len, num_windows=num_windows, start=start, stride=stride)
+    else:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 when each window begins with the BOS (id {bos}), got {seq_len}")
+        try:
+            body = cut_windows(ids, seq_len - 1, num_windows=num_windows, start=start, stride=stride)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (each window of seq_len={seq_len} is the BOS and {seq_len - 1} tokens of the text)") from None
+        windows = torch.cat([torch.full((body.size(0), 1), bos, dtype=torch.long), body], dim=1)
+    logger.debug("cut %d windows of %d tokens from a stream of %d tokens (BOS %s)", windows.size(0), seq_len, ids.numel(), bos)
     return windows
 
 
@@ -182,8 +227,8 @@ def calibration_windows(
         raise ValueError(f"num_windows must be >= 1, got {num_windows}")
     if num_windows > grid.size(0):
         raise ValueError(
-            f"text too short: {num_windows} disjoint windows of seq_len={seq_len} need "
-            f"{num_windows * seq_len} tokens, but the text has room for only {grid.size(0)}"
+            f"text too short: {num_windows} disjoint windows of seq_len={seq_len} are asked for, "
+            f"but the text has room for only {grid.size(0)}"
         )
     if seed is None:
         return grid[:num_windows].clone()

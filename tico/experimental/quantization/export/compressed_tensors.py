@@ -210,7 +210,7 @@ def load_compressed(path: str | Path, backend: str = "int8") -> nn.Module:
         static = f"{name}.input_scale" in tensors
         layer = W8A8Linear(
             module.weight.shape[1 - axis], module.weight.shape[axis], bias=module.bias is not None,
-            weight_granularity="per_channel" if scale.numel() > 1 else "per_tensor",
+            weight_granularity="per_channel" if scale.dim() == 2 else "per_tensor",  # [out, 1] even when out == 1
             act_granularity="per_tensor" if static else "per_token",
             act_scale=float(tensors[f"{name}.input_scale"]) if static else None,
             backend=backend, dtype=module.weight.dtype,
