@@ -17,7 +17,6 @@ ranges: what compressed-tensors can store) and ``accurate`` (+ smoothing inside 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import cProfile
 import io
 import pstats

@@ -28,7 +28,6 @@ accurate dynamic recipe measured); the float reference is never rotated.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math

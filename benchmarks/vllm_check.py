@@ -161,7 +161,8 @@ def export_checkpoints(out: Path, size: str, n_calib: int = 16, seq_len: int = 1
     dirs = {}
     for rotate in rotations:
         for scheme in schemes:
-            config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=scheme, act_range="mse", tuning=W8A8Tuning(smooth_in_quantizer=False))
+            config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=scheme, act_range="mse",
+                                tuning=W8A8Tuning(smooth_in_quantizer=False))
             model = prepare(rotate_model(build_model(size, seed, init_std), rotate), config)
             with torch.no_grad():
                 for batch in calib.split(4):

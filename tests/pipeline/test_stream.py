@@ -163,7 +163,8 @@ def test_pickle_only_checkpoint_is_refused_with_the_reason(tmp_path):
 
 def test_configs_the_format_cannot_hold_are_refused_before_reading(tmp_path):
     with pytest.raises(ValueError, match="rotate.*output_dir=None"):
-        quantize_checkpoint(tmp_path, W8A8Config(tuning=W8A8Tuning(rotate_in_quantizer=("all",))), [torch.zeros(1, 4, dtype=torch.long)], tmp_path / "o")
+        quantize_checkpoint(tmp_path, W8A8Config(tuning=W8A8Tuning(rotate_in_quantizer=("all",))),
+                            [torch.zeros(1, 4, dtype=torch.long)], tmp_path / "o")
 
 
 def test_unknown_module_names_in_the_config_are_refused(tmp_path):
@@ -277,7 +278,8 @@ def test_each_block_is_probed_on_the_probe_tokens_not_a_calibration_batch(as_dic
 
 def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
     src = _save(build_model("llama"), tmp_path / "src")
-    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("all",), backend="fake"))
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static",
+                        tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("all",), backend="fake"))
     result = quantize_checkpoint(src, config, _batches("llama"), None)
     assert result.output_dir is None and len(result.phases) == 2 and result.phases[0]["convert"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -27,12 +27,14 @@ from tico.experimental.quantization.export.compressed_tensors import load_compre
 from zoo import build_model, input_ids
 
 SQ = SmoothQuantConfig(alpha="auto", linear_producers=True)
-OBJECTIVE = W8A8Config(smoothing=SQ, activations="static", act_range="mse", dynamic_fallback=16.0, block_objective=True, tuning=W8A8Tuning(backend="fake"))
+OBJECTIVE = W8A8Config(smoothing=SQ, activations="static", act_range="mse", dynamic_fallback=16.0, block_objective=True,
+                       tuning=W8A8Tuning(backend="fake"))
 # alpha fixed at 1 moves the massive token of layer 0 into down_proj's weights: there smoothing hurts the block
 # (measured: block error 0.2 smoothed vs 0.002 unsmoothed), while layer 1 still gains from it: a mixed choice.
 HARSH = OBJECTIVE.with_tuning(alpha_grid=(1.0,))
 # dynamic, with fixed-alpha candidates besides "searched" (alpha 1: poor) and "unsmoothed": alpha=0.5 wins a block
-ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True, tuning=W8A8Tuning(block_objective_alphas=(0.5, 0.9), alpha_grid=(1.0,), backend="fake"))
+ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True,
+                    tuning=W8A8Tuning(block_objective_alphas=(0.5, 0.9), alpha_grid=(1.0,), backend="fake"))
 
 
 def _models():

@@ -108,7 +108,8 @@ def test_fallback_picks_dynamic_for_exactly_the_massive_layer_and_recovers(smoot
 
 
 def test_no_massive_token_keeps_every_layer_static():
-    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET, tuning=W8A8Tuning(backend="fake")), gain=0.0)
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET,
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     assert _dynamic_layers(mixed) == set()
     assert all(v.startswith("static (no massive token") for v in quantizer.report.act_modes.values())
 
@@ -217,7 +218,8 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
         return choice
 
     monkeypatch.setattr(dynamic_fallback, "choose_activation_mode", only_q_dynamic)
-    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET, tuning=W8A8Tuning(backend="fake")), gain=0.0)
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET,
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     from tico.experimental.quantization.export.compressed_tensors import w8a8_layers
     from tico.experimental.quantization.export.fusion import mixed_fused_groups
 
@@ -231,7 +233,8 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
 
 def test_weight_dependent_ranges_of_one_tensor_are_made_one():
     """``output_mse`` picks a range per layer from its weights; layers reading one tensor get the largest."""
-    model, quantizer = _quantize(W8A8Config(activations="static", act_range="output_mse", tuning=W8A8Tuning(backend="fake")), gain=0.0)
+    model, quantizer = _quantize(W8A8Config(activations="static", act_range="output_mse",
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     ranges = quantizer.report.act_ranges
     for layer in range(2):
         qkv = {ranges[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}

@@ -69,7 +69,8 @@ def test_every_linear_swapped_and_close_to_float(key, activations):
     model = build_model(key)
     ids = input_ids(key, batch=4, seq=16)
     reference = build_model(key)
-    config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=activations, tuning=W8A8Tuning(smooth_in_quantizer=True))
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=activations,
+                        tuning=W8A8Tuning(smooth_in_quantizer=True))
     q, quantizer = _quantize(model, config, ids)
     swapped = [n for n, m in q.named_modules() if isinstance(m, W8A8Linear)]
     assert swapped and sorted(swapped) == sorted(quantizer.report.quantized)
@@ -183,11 +184,13 @@ def test_quantize_attention_inputs(tmp_path):
     from tico.experimental.quantization.algorithm.w8a8.attention import STATE_ATTR
 
     ids = input_ids("llama", batch=4, seq=16)
-    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                        tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
     q, quantizer = _quantize(build_model("llama"), config, ids)
     states = [getattr(q.get_submodule(n), STATE_ATTR) for n in quantizer.attention_modules]
     assert len(states) == 2 and all(set(s.scales) == {"query", "key", "value"} for s in states)
-    plain, _ = _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations="static", tuning=W8A8Tuning(backend="fake")), ids)
+    plain, _ = _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                                                          tuning=W8A8Tuning(backend="fake")), ids)
     with torch.no_grad():
         a, b = q(ids).logits, plain(ids).logits
     assert not torch.equal(a, b) and float((a - b).abs().max() / b.abs().max()) < 0.05  # quantized, and close
@@ -239,7 +242,8 @@ def test_quantize_attention_refused_where_attention_is_not_reachable():
 
 def test_quantize_attention_that_never_sees_its_inputs_is_refused_at_convert():
     x = torch.randn(2, 4, 16)
-    model = prepare(_OwnAttentionModel(switchable=True), W8A8Config(activations="static", tuning=W8A8Tuning(quantize_attention=True)),
+    model = prepare(_OwnAttentionModel(switchable=True), W8A8Config(activations="static",
+                                                                    tuning=W8A8Tuning(quantize_attention=True)),
                     args=(x,))
     with torch.no_grad():
         model(x)

@@ -37,7 +37,8 @@ def test_rotation_improves_outlier_model(activations):
     reference = build_model("llama")
     kls = {}
     for rot in ((), ("all",)):
-        model = prepare(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations=activations, tuning=W8A8Tuning(rotate_in_quantizer=rot)))
+        model = prepare(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations=activations,
+                                                         tuning=W8A8Tuning(rotate_in_quantizer=rot)))
         with torch.no_grad():
             model(ids)
         q = convert(model)

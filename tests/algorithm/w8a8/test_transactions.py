@@ -27,7 +27,11 @@ IDS = input_ids("llama", batch=4, seq=16)
 
 # Every apply step has something to do with this config: folds (norms and v_proj/up_proj), layer swaps
 # (plain, in-quantizer smoothing, rotated), the int8 embedding and the attention scales.
-FULL = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations="static", quantize_embeddings=True, tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("down_proj",), quantize_attention=True, backend="fake", alpha_grid=(0.3, 0.5, 0.8), calibration_rows=128))
+FULL = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations="static",
+                  quantize_embeddings=True,
+                  tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("down_proj",),
+                                    quantize_attention=True, backend="fake", alpha_grid=(0.3, 0.5, 0.8),
+                                    calibration_rows=128))
 APPLY_STEPS = ("fold_smoothing", "swap_layers", "swap_embeddings", "fix_attention_scales")
 
 
@@ -174,7 +178,8 @@ def test_embedding_that_stops_being_an_nn_embedding_after_prepare_is_caught_befo
 
 def test_smoothing_error_leaves_attention_observing_and_retry_works():
     """The reproduced case: attention was frozen before an fp16 overflow in smoothing was detected."""
-    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                        tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
     model = calibrated(config, dtype=torch.float16)
     quantizer = get_quantizer(model)
     obs = quantizer.sq.observers["model.layers.0.input_layernorm"]

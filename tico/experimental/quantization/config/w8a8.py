@@ -222,21 +222,28 @@ class W8A8Config(BaseConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "W8A8Config":
-        """The config :meth:`to_dict` wrote (missing keys take their defaults; an unknown key is an error)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"W8A8Config.from_dict: unknown keys {unknown}; expected some of {sorted(known)}")
-        kwargs = dict(data)
+        """The config :meth:`to_dict` wrote (missing keys take their defaults; an unknown key is an error). A
+        ``"type"`` key naming the class, as recipe files write it, is accepted at every level."""
+        kwargs = _fields_of(cls, data)
         if kwargs.get("smoothing") is not None:
             kwargs["smoothing"] = _smoothing_from_dict(kwargs["smoothing"])
         if "tuning" in kwargs:
-            tuning = dict(kwargs["tuning"])
-            tuning_known = {f.name for f in dataclasses.fields(W8A8Tuning)}
-            if set(tuning) - tuning_known:
-                raise ValueError(f"W8A8Config.from_dict: unknown tuning keys {sorted(set(tuning) - tuning_known)}")
-            kwargs["tuning"] = W8A8Tuning(**tuning)
+            kwargs["tuning"] = W8A8Tuning(**_fields_of(W8A8Tuning, kwargs["tuning"]))
         return cls(**kwargs)
+
+
+def _fields_of(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as keyword arguments of dataclass ``cls``: a ``"type"`` key must name ``cls``; other keys must be
+    its fields."""
+    kwargs = dict(data)
+    kind = kwargs.pop("type", cls.__name__)
+    if kind != cls.__name__:
+        raise ValueError(f"{cls.__name__}.from_dict: the data describes a {kind}, not a {cls.__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown keys {unknown}; expected some of {sorted(known)}")
+    return kwargs
 
 
 def _smoothing_to_dict(config: SmoothQuantConfig) -> dict[str, Any]:
@@ -252,7 +259,7 @@ def _smoothing_from_dict(data: dict[str, Any]) -> SmoothQuantConfig:
     own = getattr(SmoothQuantConfig, "from_dict", None)
     if callable(own):
         return own(data)
-    return SmoothQuantConfig(**data)
+    return SmoothQuantConfig(**_fields_of(SmoothQuantConfig, data))
 
 
 def first_unexportable_option(config: W8A8Config) -> str | None:
