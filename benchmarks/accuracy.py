@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.data import read_text, token_windows
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.evaluation.perplexity import perplexity
@@ -31,17 +31,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def recipes(activations: str, backend: str) -> dict[str, W8A8Config]:
     """The rows of one table: naive, textbook SmoothQuant (alpha 0.5, abs-max ranges), and ours."""
     static = activations == "static"
-    common = dict(activations=activations, backend=backend)
-    ours = dict(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), smooth_in_quantizer=True,
-                act_range="mse", **common)
+    common = dict(activations=activations, tuning=W8A8Tuning(backend=backend))
+    ours = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), act_range="mse",
+                      activations=activations, tuning=W8A8Tuning(backend=backend, smooth_in_quantizer=True))
     rows = {
         "naive W8A8": W8A8Config(act_range="absmax", **common),
         "SmoothQuant a=0.5 (textbook)": W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), act_range="absmax", **common),
-        "ours: auto alpha" + (" + MSE ranges" if static else ""): W8A8Config(**ours),
+        "ours: auto alpha" + (" + MSE ranges" if static else ""): ours,
     }
-    rows["ours + input rotations (rotate='all')"] = W8A8Config(rotate=("all",), **ours)
+    rows["ours + in-quantizer rotations (rotate_in_quantizer='all')"] = ours.with_tuning(rotate_in_quantizer=("all",))
     if static:  # the paper's setting also quantizes the attention matmul inputs
-        rows["ours + int8 attention inputs"] = W8A8Config(quantize_attention=True, **ours)
+        rows["ours + int8 attention inputs"] = ours.with_tuning(quantize_attention=True)
     return rows
 
 

@@ -17,7 +17,6 @@ ranges: what compressed-tensors can store) and ``accurate`` (+ smoothing inside 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import cProfile
 import io
 import pstats
@@ -32,19 +31,20 @@ from accuracy import outlier_llama  # noqa: E402  (the same seeded builder, wide
 
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.run.schemes import build_config
 
 
 def recipes(backend: str) -> dict[str, W8A8Config]:
     exportable = dict(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations="static",
-                      act_range="mse", backend=backend)
+                      act_range="mse")
     return {
-        "naive": W8A8Config(activations="static", act_range="absmax", backend=backend),
-        "exportable": W8A8Config(**exportable),
-        "accurate": W8A8Config(smooth_in_quantizer=True, rotate=("all",), **exportable),
+        "naive": W8A8Config(activations="static", act_range="absmax", tuning=W8A8Tuning(backend=backend)),
+        "exportable": W8A8Config(**exportable, tuning=W8A8Tuning(backend=backend)),
+        "accurate": W8A8Config(**exportable, tuning=W8A8Tuning(backend=backend, smooth_in_quantizer=True,
+                                                               rotate_in_quantizer=("all",))),
         # what `tico-sq quantize --scheme w8a8-static` applies: exportable + dynamic_fallback + block_objective
-        "default": dataclasses.replace(build_config("w8a8-static"), backend=backend),
+        "default": build_config("w8a8-static").with_tuning(backend=backend),
     }
 
 

@@ -55,7 +55,7 @@ def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> 
 
     from tico.experimental.quantization import convert, prepare
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-    from tico.experimental.quantization.config.w8a8 import W8A8Config
+    from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 
     fp32 = build_model()
     ids = torch.randint(0, 32000, (batch, seq_len))
@@ -65,7 +65,7 @@ def model_prefill_benchmark(rounds: int, batch: int = 4, seq_len: int = 256) -> 
             m(ids[:1, :64])
         return convert(m)
 
-    q, q_rot = w8a8(), w8a8(rotate=("all",))
+    q, q_rot = w8a8(), w8a8(tuning=W8A8Tuning(rotate_in_quantizer=("all",)))
     # Prefill as a server runs it: the whole prompt through the blocks, logits for the last position only
     # (the next token), for both models alike.
     candidates = {

@@ -28,7 +28,6 @@ accurate dynamic recipe measured); the float reference is never rotated.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -43,7 +42,7 @@ from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
 from tico.experimental.quantization.algorithm.w8a8.dynamic_fallback import MASSIVE_RATIO
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.data import calibration_windows, read_text, token_windows
 from tico.experimental.quantization.run.workflow import apply_rotations
 
@@ -88,10 +87,9 @@ def recipes() -> dict[str, W8A8Config]:
         "fallback+objective": W8A8Config(dynamic_fallback=FALLBACK_BUDGET, block_objective=True, **exportable),
         "dynamic": W8A8Config(activations="dynamic"),
         "dynamic-sq": W8A8Config(smoothing=sq_auto, activations="dynamic"),
-        "dynamic-sq-relative": W8A8Config(smoothing=sq_auto, activations="dynamic", alpha_objective="token_relative"),
         "dynamic-sq+objective": W8A8Config(smoothing=sq_auto, activations="dynamic", block_objective=True),
         "dynamic-sq+objective-alphas": W8A8Config(smoothing=sq_auto, activations="dynamic", block_objective=True,
-                                                  block_objective_alphas=(0.25, 0.5, 0.75)),
+                                                  tuning=W8A8Tuning(block_objective_alphas=(0.25, 0.5, 0.75))),
     }
 
 
@@ -104,7 +102,6 @@ DESCRIPTIONS = {
     "fallback+objective": "mixed    fallback + block_objective (per-block choice)",
     "dynamic": "dynamic  naive W8A8 per-token",
     "dynamic-sq": "dynamic  auto a, linear producers",
-    "dynamic-sq-relative": "dynamic  auto a (token-relative search), linear producers",
     "dynamic-sq+objective": "dynamic  auto a + block_objective",
     "dynamic-sq+objective-alphas": "dynamic  auto a + block_objective, alphas 0.25/0.5/0.75",
 }
@@ -180,7 +177,7 @@ def main() -> None:
     table = recipes()
     shown = False
     for key in args.recipes.split(","):
-        config = dataclasses.replace(table[key], backend=args.backend)
+        config = table[key].with_tuning(backend=args.backend)
         t0 = time.perf_counter()
         rotated = load()
         if args.rotate == "online-only":

@@ -3,7 +3,7 @@
 Rotations are fused into the float weights first (``fuse_rotations``: residual stream Q and per-head value
 rotations, randomized Hadamard), then the model is quantized as usual. Everything stays exportable to
 compressed-tensors (no in-quantizer smoothing, no in-quantizer rotation), except the reference row that uses the
-in-quantizer rotations of ``W8A8Config(rotate=("all",))``, and "online Hadamard down_proj": ``down_proj``'s input,
+in-quantizer rotations of ``W8A8Tuning(rotate_in_quantizer=("all",))``, and "online Hadamard down_proj": ``down_proj``'s input,
 which no weight can absorb, rotated at run time by a Hadamard (``add_online_rotations``), which compressed-tensors
 describes as a ``transform_config`` (``save_compressed`` writes it).
 
@@ -32,7 +32,7 @@ from accuracy import outlier_data, outlier_llama, print_row, quantize, stories_d
 from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations  # noqa: E402
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations  # noqa: E402
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig  # noqa: E402
-from tico.experimental.quantization.config.w8a8 import W8A8Config  # noqa: E402
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning  # noqa: E402
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity  # noqa: E402
 from tico.experimental.quantization.evaluation.perplexity import perplexity  # noqa: E402
 
@@ -40,7 +40,7 @@ from tico.experimental.quantization.evaluation.perplexity import perplexity  # n
 def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
     """(name, rotations before quantizing: "" / "fused" / "fused+online" / "online", config) for one activation
     mode."""
-    common = dict(activations=activations, backend=backend, act_range="mse")
+    common = dict(activations=activations, act_range="mse", tuning=W8A8Tuning(backend=backend))
     smooth = SmoothQuantConfig(alpha="auto", linear_producers=True)
     return [
         ("naive W8A8", "", W8A8Config(**common)),
@@ -50,7 +50,7 @@ def rows(activations: str, backend: str) -> list[tuple[str, str, W8A8Config]]:
         ("fused + online Hadamard down_proj + SmoothQuant", "fused+online", W8A8Config(smoothing=smooth, **common)),
         ("online Hadamard down_proj (no fused) + SmoothQuant", "online", W8A8Config(smoothing=smooth, **common)),
         ("(ref) in-quantizer smooth+rotate, not exportable", "",
-         W8A8Config(smoothing=smooth, smooth_in_quantizer=True, rotate=("all",), **common)),
+         W8A8Config(smoothing=smooth, **common).with_tuning(smooth_in_quantizer=True, rotate_in_quantizer=("all",))),
         ("SmoothQuant + block_objective", "", W8A8Config(smoothing=smooth, block_objective=True, **common)),
     ] + ([("SmoothQuant + dynamic_fallback=16", "", W8A8Config(smoothing=smooth, dynamic_fallback=16.0, **common)),
           ("SmoothQuant + dynamic_fallback=16 + block_objective", "",

@@ -44,7 +44,7 @@ SHAPES = {  # name -> (hidden, intermediate, heads, kv heads, layers, vocab)
 }
 RECIPES = {
     "exportable": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse')",
-    "accurate": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse', smooth_in_quantizer=True, rotate=('all',))",
+    "accurate": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse', tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=('all',)))",
     # what `tico-sq quantize --scheme w8a8-static` applies: exportable + dynamic_fallback=16 + block_objective
     "default": "W8A8Config(smoothing=SmoothQuantConfig(alpha='auto', linear_producers=True), activations='static', act_range='mse', dynamic_fallback=16.0, block_objective=True)",
 }
@@ -173,7 +173,7 @@ def measure(args: argparse.Namespace) -> None:
     import logging
 
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig  # noqa: F401 - used by eval
-    from tico.experimental.quantization.config.w8a8 import W8A8Config  # noqa: F401
+    from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning  # noqa: F401
     from tico.experimental.quantization.pipeline import quantize_checkpoint
 
     logging.basicConfig(level=logging.WARNING)

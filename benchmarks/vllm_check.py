@@ -152,7 +152,7 @@ def export_checkpoints(out: Path, size: str, n_calib: int = 16, seq_len: int = 1
 
     from tico.experimental.quantization import convert, prepare
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-    from tico.experimental.quantization.config.w8a8 import W8A8Config
+    from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
     from tico.experimental.quantization.export.compressed_tensors import save_compressed
 
     stories = SHARED / "stories260K-hf"
@@ -161,8 +161,8 @@ def export_checkpoints(out: Path, size: str, n_calib: int = 16, seq_len: int = 1
     dirs = {}
     for rotate in rotations:
         for scheme in schemes:
-            config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True),
-                                activations=scheme, act_range="mse", smooth_in_quantizer=False)
+            config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=scheme, act_range="mse",
+                                tuning=W8A8Tuning(smooth_in_quantizer=False))
             model = prepare(rotate_model(build_model(size, seed, init_std), rotate), config)
             with torch.no_grad():
                 for batch in calib.split(4):

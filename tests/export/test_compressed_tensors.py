@@ -9,7 +9,7 @@ import torch
 
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from zoo import build_model, input_ids
@@ -55,7 +55,8 @@ def test_compressed_tensors_library_decompresses_our_weights(tmp_path):
 
 
 def test_smoothing_inside_the_quantizer_is_refused(tmp_path):
-    model, _ = _w8a8("static", linear_producers=False, smooth_in_quantizer=True)  # o_proj/down_proj smoothed inside
+    # o_proj/down_proj smoothed inside
+    model, _ = _w8a8("static", linear_producers=False, tuning=W8A8Tuning(smooth_in_quantizer=True))
     with pytest.raises(ValueError, match="smooth_in_quantizer=False"):
         save_compressed(model, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()

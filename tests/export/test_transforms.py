@@ -10,9 +10,9 @@ import torch
 from tico.experimental.quantization import convert, prepare
 from tico.experimental.quantization.algorithm.rotation.fuse import fuse_rotations
 from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
-from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.nn.rotated import RotatedInputLinear
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from zoo import build_model, input_ids
@@ -68,7 +68,7 @@ def test_compressed_tensors_reads_the_transform_config(tmp_path) -> None:
 def test_random_block_rotations_still_refused(tmp_path) -> None:
     model = build_model("llama")
     ids = input_ids("llama", batch=4, seq=16)
-    model = prepare(model, W8A8Config(activations="dynamic", rotate=("down_proj",)))
+    model = prepare(model, W8A8Config(activations="dynamic", tuning=W8A8Tuning(rotate_in_quantizer=("down_proj",))))
     with torch.no_grad():
         model(ids)
     with pytest.raises(ValueError, match="only one Hadamard block"):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.export.shards import read_tensors, safetensors_files
 from tico.experimental.quantization.nn.linear import W8A8Linear
@@ -104,7 +104,7 @@ def test_smoothquant_streamed_is_bit_identical_to_save_pretrained(key, tmp_path)
 def test_quantized_propagation_calibrates_later_blocks_on_quantized_inputs(device, tmp_path):
     src = _save(build_model("llama"), tmp_path / "src")
     batches = _batches("llama")
-    config = W8A8Config(activations="static", act_range="absmax", backend="fake")
+    config = W8A8Config(activations="static", act_range="absmax", tuning=W8A8Tuning(backend="fake"))
     quantize_checkpoint(src, config, batches, tmp_path / "q", device=device)
     quantize_checkpoint(src, config, batches, tmp_path / "f", device=device, propagate="float")
     tq, tf = _tensors(tmp_path / "q"), _tensors(tmp_path / "f")
@@ -163,7 +163,8 @@ def test_pickle_only_checkpoint_is_refused_with_the_reason(tmp_path):
 
 def test_configs_the_format_cannot_hold_are_refused_before_reading(tmp_path):
     with pytest.raises(ValueError, match="rotate.*output_dir=None"):
-        quantize_checkpoint(tmp_path, W8A8Config(rotate=("all",)), [torch.zeros(1, 4, dtype=torch.long)], tmp_path / "o")
+        quantize_checkpoint(tmp_path, W8A8Config(tuning=W8A8Tuning(rotate_in_quantizer=("all",))),
+                            [torch.zeros(1, 4, dtype=torch.long)], tmp_path / "o")
 
 
 def test_unknown_module_names_in_the_config_are_refused(tmp_path):
@@ -277,8 +278,8 @@ def test_each_block_is_probed_on_the_probe_tokens_not_a_calibration_batch(as_dic
 
 def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
     src = _save(build_model("llama"), tmp_path / "src")
-    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static", smooth_in_quantizer=True,
-                        rotate=("all",), backend="fake")
+    config = W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5), activations="static",
+                        tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("all",), backend="fake"))
     result = quantize_checkpoint(src, config, _batches("llama"), None)
     assert result.output_dir is None and len(result.phases) == 2 and result.phases[0]["convert"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -287,7 +288,7 @@ def test_without_output_dir_nothing_is_written_and_any_recipe_runs(tmp_path):
 @pytest.mark.parametrize("key", ["llama", "gemma3"])
 def test_block_objective_streamed_with_float_propagation_is_bit_identical_to_in_memory(key, tmp_path):
     """Each block's choice is made on the same recorded calls (the first calibration batch) in both."""
-    config = dataclasses.replace(EXPORTABLE, dynamic_fallback=16.0, block_objective=True, block_objective_tokens=16)
+    config = dataclasses.replace(EXPORTABLE, dynamic_fallback=16.0, block_objective=True).with_tuning(block_objective_tokens=16)
     src = _save(build_model(key), tmp_path / "src")
     batches = _batches(key)
     result = quantize_checkpoint(src, config, batches, tmp_path / "stream", propagate="float")

@@ -57,7 +57,7 @@ def test_no_hadamard_order_refused() -> None:
 def test_online_rotations_exact_then_w8a8_quantizes_the_rotated_input(key: str) -> None:
     from tico.experimental.quantization import convert, prepare
     from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
-    from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+    from tico.experimental.quantization.nn.rotated import RotatedInputLinear
     from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
     from tico.experimental.quantization.config.w8a8 import W8A8Config
     from tico.experimental.quantization.nn.linear import W8A8Linear

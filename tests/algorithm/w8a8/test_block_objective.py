@@ -21,21 +21,20 @@ from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.w8a8.block_objective import block_output_error
 from tico.experimental.quantization.structure.blocks import decoder_blocks
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from zoo import build_model, input_ids
 
 SQ = SmoothQuantConfig(alpha="auto", linear_producers=True)
-OBJECTIVE = W8A8Config(smoothing=SQ, activations="static", act_range="mse", dynamic_fallback=16.0,
-                       block_objective=True, backend="fake")
+OBJECTIVE = W8A8Config(smoothing=SQ, activations="static", act_range="mse", dynamic_fallback=16.0, block_objective=True,
+                       tuning=W8A8Tuning(backend="fake"))
 # alpha fixed at 1 moves the massive token of layer 0 into down_proj's weights: there smoothing hurts the block
 # (measured: block error 0.2 smoothed vs 0.002 unsmoothed), while layer 1 still gains from it: a mixed choice.
-HARSH = dataclasses.replace(OBJECTIVE, alpha_grid=(1.0,))
+HARSH = OBJECTIVE.with_tuning(alpha_grid=(1.0,))
 # dynamic, with fixed-alpha candidates besides "searched" (alpha 1: poor) and "unsmoothed": alpha=0.5 wins a block
-ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True, block_objective_alphas=(0.5, 0.9),
-                    alpha_grid=(1.0,),
-                    backend="fake")
+ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True,
+                    tuning=W8A8Tuning(block_objective_alphas=(0.5, 0.9), alpha_grid=(1.0,), backend="fake"))
 
 
 def _models():
@@ -74,7 +73,7 @@ def test_each_block_gets_the_candidate_with_the_smallest_measured_block_output_e
     searched, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False))
     unsmoothed, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False, smoothing=None))
     measured = {"searched": _errors(searched, calls), "unsmoothed": _errors(unsmoothed, calls)}
-    for a in config.block_objective_alphas:  # a fixed-alpha candidate is the recipe with that alpha everywhere
+    for a in config.tuning.block_objective_alphas:  # a fixed-alpha candidate is the recipe with that alpha everywhere
         fixed = SmoothQuantConfig(alpha=a, linear_producers=True)
         model, _, _ = _quantize(build, batches, dataclasses.replace(config, block_objective=False, smoothing=fixed))
         measured[f"alpha={a:g}"] = _errors(model, calls)
@@ -116,7 +115,7 @@ def test_choices_are_reported_and_a_harmful_smoothing_is_dropped_where_it_hurts(
 
 def test_chosen_recipe_exports_and_reloads(tmp_path):
     build, batches = _models()["massive_llama"]
-    model, quantizer, _ = _quantize(build, batches, dataclasses.replace(HARSH, backend="int8"))
+    model, quantizer, _ = _quantize(build, batches, HARSH.with_tuning(backend="int8"))
     assert any(v.startswith("unsmoothed") for v in quantizer.report.block_choices.values())
     save_compressed(model, tmp_path)
     reloaded = load_compressed(tmp_path)
@@ -126,7 +125,7 @@ def test_chosen_recipe_exports_and_reloads(tmp_path):
 
 def test_recorder_is_bounded_and_a_copy_convert_can_be_repeated():
     build, batches = _models()["massive_llama"]
-    model = prepare(build(), dataclasses.replace(HARSH, block_objective_tokens=100))
+    model = prepare(build(), HARSH.with_tuning(block_objective_tokens=100))
     quantizer = get_quantizer(model)
     with torch.no_grad():
         for b in batches:
@@ -144,7 +143,7 @@ def test_block_objective_needs_smoothing():
     with pytest.raises(ValueError, match="block_objective"):
         W8A8Config(block_objective=True)
     with pytest.raises(ValueError, match="block_objective_tokens"):
-        W8A8Config(smoothing=SQ, block_objective=True, block_objective_tokens=0)
+        W8A8Config(smoothing=SQ, block_objective=True, tuning=W8A8Tuning(block_objective_tokens=0))
 
 
 def test_blocks_that_keep_the_searched_recipe_are_bit_identical_to_the_option_off():
@@ -159,4 +158,4 @@ def test_blocks_that_keep_the_searched_recipe_are_bit_identical_to_the_option_of
 
 def test_fixed_alpha_candidates_are_validated():
     with pytest.raises(ValueError, match="block_objective_alphas"):
-        W8A8Config(smoothing=SQ, block_objective=True, block_objective_alphas=(1.5,))
+        W8A8Config(smoothing=SQ, block_objective=True, tuning=W8A8Tuning(block_objective_alphas=(1.5,)))

@@ -18,7 +18,7 @@ from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.w8a8 import dynamic_fallback
 from tico.experimental.quantization.algorithm.w8a8.dynamic_fallback import MassiveRowObserver, choose_activation_mode
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import load_compressed, save_compressed
 from tico.experimental.quantization.nn.linear import W8A8Linear
@@ -91,10 +91,10 @@ def test_the_model_has_a_massive_first_token_in_exactly_one_layer():
 
 @pytest.mark.parametrize("smoothing", [None, SmoothQuantConfig(alpha="auto", linear_producers=True)])
 def test_fallback_picks_dynamic_for_exactly_the_massive_layer_and_recovers(smoothing):
-    common = dict(smoothing=smoothing, activations="static", act_range="mse", backend="fake")
+    common = dict(smoothing=smoothing, activations="static", act_range="mse", tuning=W8A8Tuning(backend="fake"))
     static, _ = _quantize(W8A8Config(**common))
     mixed, quantizer = _quantize(W8A8Config(dynamic_fallback=BUDGET, **common))
-    dynamic, _ = _quantize(W8A8Config(activations="dynamic", backend="fake"))
+    dynamic, _ = _quantize(W8A8Config(activations="dynamic", tuning=W8A8Tuning(backend="fake")))
     kl_static, kl_mixed, kl_dynamic = _kl(static), _kl(mixed), _kl(dynamic)
     assert _dynamic_layers(static) == set()
     assert _dynamic_layers(mixed) == {AFFECTED}
@@ -108,8 +108,8 @@ def test_fallback_picks_dynamic_for_exactly_the_massive_layer_and_recovers(smoot
 
 
 def test_no_massive_token_keeps_every_layer_static():
-    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
-                                            dynamic_fallback=BUDGET), gain=0.0)
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET,
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     assert _dynamic_layers(mixed) == set()
     assert all(v.startswith("static (no massive token") for v in quantizer.report.act_modes.values())
 
@@ -218,8 +218,8 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
         return choice
 
     monkeypatch.setattr(dynamic_fallback, "choose_activation_mode", only_q_dynamic)
-    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", backend="fake",
-                                            dynamic_fallback=BUDGET), gain=0.0)
+    mixed, quantizer = _quantize(W8A8Config(activations="static", act_range="mse", dynamic_fallback=BUDGET,
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     from tico.experimental.quantization.export.compressed_tensors import w8a8_layers
     from tico.experimental.quantization.export.fusion import mixed_fused_groups
 
@@ -233,7 +233,8 @@ def test_layers_reading_one_tensor_share_one_mode(monkeypatch):
 
 def test_weight_dependent_ranges_of_one_tensor_are_made_one():
     """``output_mse`` picks a range per layer from its weights; layers reading one tensor get the largest."""
-    model, quantizer = _quantize(W8A8Config(activations="static", act_range="output_mse", backend="fake"), gain=0.0)
+    model, quantizer = _quantize(W8A8Config(activations="static", act_range="output_mse",
+                                            tuning=W8A8Tuning(backend="fake")), gain=0.0)
     ranges = quantizer.report.act_ranges
     for layer in range(2):
         qkv = {ranges[f"model.layers.{layer}.self_attn.{p}_proj"] for p in "qkv"}

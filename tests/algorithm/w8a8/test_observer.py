@@ -80,7 +80,7 @@ def test_sample_keeps_the_input_dtype():
 
 
 def test_smoothing_and_w8a8_observers_of_one_tensor_share_the_abs_max_but_not_its_storage():
-    from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver
+    from tico.experimental.quantization.algorithm.smoothquant.scales import ChannelAbsMaxObserver
 
     batches = _batches(5)
     sq, w8 = ChannelAbsMaxObserver(8), SampledChannelObserver(8, 16)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from zoo import build_model, input_ids
@@ -28,13 +28,24 @@ def _quantize(model, config, ids):
     (dict(weights="per_group"), "weights"),
     (dict(activations="per_token"), "activations"),
     (dict(act_range="minmax"), "act_range"),
-    (dict(backend="cuda"), "backend"),
     (dict(smoothing=0.5), "SmoothQuantConfig"),
-    (dict(alpha_grid=(0.5, 1.5)), "alpha_grid"),
+    (dict(tuning=dict(backend="int8")), "W8A8Tuning"),
 ])
 def test_bad_config_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         W8A8Config(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(backend="cuda"), "backend"),
+    (dict(alpha_grid=(0.5, 1.5)), "alpha_grid"),
+    (dict(alpha_grid=()), "alpha_grid"),
+    (dict(calibration_rows=0), "calibration_rows"),
+    (dict(percentile=0), "percentile"),
+])
+def test_bad_tuning_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        W8A8Tuning(**bad)
 
 
 def test_static_without_calibration_raises_and_leaves_model_untouched():
@@ -59,7 +70,7 @@ def test_every_linear_swapped_and_close_to_float(key, activations):
     ids = input_ids(key, batch=4, seq=16)
     reference = build_model(key)
     config = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations=activations,
-                        smooth_in_quantizer=True)
+                        tuning=W8A8Tuning(smooth_in_quantizer=True))
     q, quantizer = _quantize(model, config, ids)
     swapped = [n for n, m in q.named_modules() if isinstance(m, W8A8Linear)]
     assert swapped and sorted(swapped) == sorted(quantizer.report.quantized)
@@ -77,7 +88,7 @@ def test_int8_and_fake_backends_agree():
     ids = input_ids("llama", batch=4, seq=16)
     outs = []
     for backend in ("int8", "fake"):
-        config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", backend=backend)
+        config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", tuning=W8A8Tuning(backend=backend))
         q, _ = _quantize(build_model("llama"), config, ids)
         with torch.no_grad():
             outs.append(q(ids).logits)
@@ -120,7 +131,7 @@ def _held_out_kl(stories_dir, calib, evaluation, config) -> float:
 
 @pytest.mark.parametrize("linear_producers, extra", [
     (False, dict(activations="static", act_range="absmax")),  # the paper's setting: norm -> Linear, abs-max
-    (True, dict(activations="dynamic", smooth_in_quantizer=True)),  # the benchmark's "ours", dynamic
+    (True, dict(activations="dynamic", tuning=W8A8Tuning(smooth_in_quantizer=True))),  # the benchmark's "ours", dynamic
 ])
 def test_auto_alpha_beats_the_default_on_held_out_text(stories_dir, stories_split, linear_producers, extra):
     """alpha="auto" is scored on the calibration sample; what matters is the logits on text it never saw.
@@ -175,12 +186,13 @@ def test_quantize_attention_inputs(tmp_path):
     from tico.experimental.quantization.algorithm.w8a8.attention import STATE_ATTR
 
     ids = input_ids("llama", batch=4, seq=16)
-    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", quantize_attention=True, backend="fake")
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                        tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
     q, quantizer = _quantize(build_model("llama"), config, ids)
     states = [getattr(q.get_submodule(n), STATE_ATTR) for n in quantizer.attention_modules]
     assert len(states) == 2 and all(set(s.scales) == {"query", "key", "value"} for s in states)
     plain, _ = _quantize(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
-                                                          backend="fake"), ids)
+                                                          tuning=W8A8Tuning(backend="fake")), ids)
     with torch.no_grad():
         a, b = q(ids).logits, plain(ids).logits
     assert not torch.equal(a, b) and float((a - b).abs().max() / b.abs().max()) < 0.05  # quantized, and close
@@ -224,7 +236,7 @@ def test_quantize_attention_refused_where_attention_is_not_reachable():
     model = _OwnAttentionModel(switchable=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="AttentionInterface"):
-        prepare(model, W8A8Config(quantize_attention=True), args=(torch.randn(2, 4, 16),))
+        prepare(model, W8A8Config(tuning=W8A8Tuning(quantize_attention=True)), args=(torch.randn(2, 4, 16),))
     assert model.config._attn_implementation == "eager"
     assert not hasattr(model.attn, "_tico_attention_quant")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -232,7 +244,8 @@ def test_quantize_attention_refused_where_attention_is_not_reachable():
 
 def test_quantize_attention_that_never_sees_its_inputs_is_refused_at_convert():
     x = torch.randn(2, 4, 16)
-    model = prepare(_OwnAttentionModel(switchable=True), W8A8Config(quantize_attention=True, activations="static"),
+    model = prepare(_OwnAttentionModel(switchable=True), W8A8Config(activations="static",
+                                                                    tuning=W8A8Tuning(quantize_attention=True)),
                     args=(x,))
     with torch.no_grad():
         model(x)

@@ -14,7 +14,7 @@ from tico.experimental.quantization.algorithm.w8a8.ranges import (
     mse_range,
     output_mse_range,
     percentile_range,
-    static_range,
+    range_method,
 )
 from tico.experimental.quantization.nn.qscheme import fake_quant_weight
 
@@ -47,8 +47,25 @@ def test_percentile_and_dispatch():
     x, w, absmax = _data()
     assert percentile_range(x, absmax, 100.0) == absmax
     assert percentile_range(x, absmax, 99.0) < absmax
-    assert static_range("absmax", x, absmax, 99.9) == absmax
-    assert static_range("output_mse", x, absmax, 99.9) == mse_range(x, absmax)  # no weight: falls back
+    assert range_method("absmax").choose(x, absmax) == absmax
+    assert range_method("mse").choose(x, absmax) == mse_range(x, absmax)
+    assert range_method("percentile", 99.0).choose(x, absmax) == percentile_range(x, absmax, 99.0)
+    assert range_method("mse").choose(None, absmax) == absmax  # no sample: nothing but the abs-max is known
+    wq = fake_quant_weight(w, "per_channel")
+    assert range_method("output_mse").choose(x, absmax, weight=w, weight_q=wq) == output_mse_range(x, absmax, w, wq)
+    with pytest.raises(ValueError, match="output_mse.*weight"):  # never silently another method
+        range_method("output_mse").choose(x, absmax)
+    with pytest.raises(ValueError, match="unknown activation range method"):
+        range_method("minmax")
+
+
+def test_range_methods_cover_the_config_names():
+    from typing import get_args
+
+    from tico.experimental.quantization.algorithm.w8a8.ranges import RANGE_METHODS
+    from tico.experimental.quantization.config.w8a8 import ActRange
+
+    assert set(RANGE_METHODS) == set(get_args(ActRange))
 
 
 # -- the fast clip search against the exhaustive one -------------------------------------------------------------

@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
-from tico.experimental.quantization.algorithm.w8a8.rotation import (
-    RotatedInputLinear,
-    block_size,
-    random_rotation,
-    rotate,
-)
+from tico.experimental.quantization.algorithm.w8a8.in_quantizer_rotation import block_size, random_rotation
+from tico.experimental.quantization.algorithm.w8a8.planner import needs_samples
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
 from tico.experimental.quantization.export.compressed_tensors import save_compressed
+from tico.experimental.quantization.nn.rotated import RotatedInputLinear, rotate
 from zoo import build_model, input_ids
 
 
@@ -40,7 +37,8 @@ def test_rotation_improves_outlier_model(activations):
     reference = build_model("llama")
     kls = {}
     for rot in ((), ("all",)):
-        model = prepare(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations=activations, rotate=rot))
+        model = prepare(build_model("llama"), W8A8Config(smoothing=SmoothQuantConfig(), activations=activations,
+                                                         tuning=W8A8Tuning(rotate_in_quantizer=rot)))
         with torch.no_grad():
             model(ids)
         q = convert(model)
@@ -50,11 +48,11 @@ def test_rotation_improves_outlier_model(activations):
 
 
 def test_unmatched_rotate_name_and_export_refusal(tmp_path):
-    with pytest.raises(ValueError, match="rotate names that match no quantized layer"):
-        prepare(build_model("llama"), W8A8Config(rotate=("no_such_proj",)))
+    with pytest.raises(ValueError, match="rotate_in_quantizer names that match no quantized layer"):
+        prepare(build_model("llama"), W8A8Config(tuning=W8A8Tuning(rotate_in_quantizer=("no_such_proj",))))
     ids = input_ids("llama")
-    model = prepare(build_model("llama"), W8A8Config(rotate=("down_proj",)))
-    assert get_quantizer(model).config.needs_samples
+    model = prepare(build_model("llama"), W8A8Config(tuning=W8A8Tuning(rotate_in_quantizer=("down_proj",))))
+    assert needs_samples(get_quantizer(model).config)
     with torch.no_grad():
         model(ids)
     q = convert(model)

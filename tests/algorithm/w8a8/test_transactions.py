@@ -15,9 +15,9 @@ from torch import nn
 
 from tico.experimental.quantization import convert, get_quantizer, prepare
 from tico.experimental.quantization.algorithm.w8a8 import attention
-from tico.experimental.quantization.algorithm.w8a8.quantizer import W8A8Quantizer
+from tico.experimental.quantization.algorithm.w8a8 import apply
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 from tico.experimental.quantization.nn.embedding import Int8Embedding
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.quantizer import QuantizationError, Transaction
@@ -27,18 +27,12 @@ IDS = input_ids("llama", batch=4, seq=16)
 
 # Every apply step has something to do with this config: folds (norms and v_proj/up_proj), layer swaps
 # (plain, in-quantizer smoothing, rotated), the int8 embedding and the attention scales.
-FULL = W8A8Config(
-    smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True),
-    activations="static",
-    smooth_in_quantizer=True,
-    rotate=("down_proj",),
-    quantize_embeddings=True,
-    quantize_attention=True,
-    backend="fake",
-    alpha_grid=(0.3, 0.5, 0.8),  # small: the search itself is tested elsewhere
-    calibration_rows=128,
-)
-APPLY_STEPS = ("_apply_smoothing", "_apply_layers", "_apply_embeddings", "_apply_attention")
+FULL = W8A8Config(smoothing=SmoothQuantConfig(alpha="auto", linear_producers=True), activations="static",
+                  quantize_embeddings=True,
+                  tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("down_proj",),
+                                    quantize_attention=True, backend="fake", alpha_grid=(0.3, 0.5, 0.8),
+                                    calibration_rows=128))
+APPLY_STEPS = ("fold_smoothing", "swap_layers", "swap_embeddings", "fix_attention_scales")
 
 
 def calibrated(config=FULL, dtype=torch.float32, model=None):
@@ -101,13 +95,13 @@ def reference_logits():
 def test_fault_after_each_apply_step_restores_everything_and_retry_works(step, monkeypatch, reference_logits):
     model = calibrated()
     before = snapshot(model)
-    original = getattr(W8A8Quantizer, step)
+    original = getattr(apply, step)
 
-    def step_then_fail(self, *args, **kwargs):
-        original(self, *args, **kwargs)  # the step's changes are made, then the next line fails
+    def step_then_fail(*args, **kwargs):
+        original(*args, **kwargs)  # the step's changes are made, then the next line fails
         raise RuntimeError(f"injected failure after {step}")
 
-    monkeypatch.setattr(W8A8Quantizer, step, step_then_fail)
+    monkeypatch.setattr(apply, step, step_then_fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         convert(model)
     assert_unchanged(model, before)
@@ -184,7 +178,8 @@ def test_embedding_that_stops_being_an_nn_embedding_after_prepare_is_caught_befo
 
 def test_smoothing_error_leaves_attention_observing_and_retry_works():
     """The reproduced case: attention was frozen before an fp16 overflow in smoothing was detected."""
-    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static", quantize_attention=True, backend="fake")
+    config = W8A8Config(smoothing=SmoothQuantConfig(), activations="static",
+                        tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
     model = calibrated(config, dtype=torch.float16)
     quantizer = get_quantizer(model)
     obs = quantizer.sq.observers["model.layers.0.input_layernorm"]
@@ -216,7 +211,7 @@ def test_every_statistics_problem_is_listed_in_one_error():
 
 
 def test_attention_left_on_a_converted_model_is_what_the_docstring_says():
-    config = W8A8Config(activations="static", quantize_attention=True, backend="fake")
+    config = W8A8Config(activations="static", tuning=W8A8Tuning(quantize_attention=True, backend="fake"))
     model = build_model("llama")
     implementation = model.config._attn_implementation
     q = convert(calibrated(config, model=model))

@@ -70,9 +70,9 @@ def convert(model: torch.nn.Module, inplace: bool = True) -> torch.nn.Module:
 
     The returned model has the same class and no hooks, and the quantizer kept by :func:`prepare` is removed.
     SmoothQuant leaves no other trace than the changed weights. W8A8 swaps modules (``W8A8Linear``, and with
-    ``rotate``/``quantize_embeddings`` ``RotatedInputLinear``/``Int8Embedding``); with ``quantize_attention`` each
-    attention module also keeps a ``_tico_attention_quant`` attribute (its fixed int8 scales, not in
-    ``state_dict``) and ``config._attn_implementation`` stays ``"tico_w8a8_sdpa"``, as :func:`prepare` set it.
+    ``tuning.rotate_in_quantizer``/``quantize_embeddings`` ``RotatedInputLinear``/``Int8Embedding``); with
+    ``tuning.quantize_attention`` each attention module also keeps a ``_tico_attention_quant`` attribute (its fixed
+    int8 scales, not in ``state_dict``) and ``config._attn_implementation`` stays ``"tico_w8a8_sdpa"``, as :func:`prepare` set it.
 
     The algorithm plans every change, validates the whole plan, then applies it as one transaction: if the
     statistics or the plan are invalid, one error names every offending module, and if anything fails while

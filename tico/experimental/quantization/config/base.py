@@ -37,22 +37,35 @@ class BaseConfig(abc.ABC):
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         """The config that :meth:`to_dict` recorded as ``data``; its fields are validated as when constructed.
 
+        A ``"type"`` key naming the class (as recipe files write it) is accepted at every level.
+
         Raises:
-            ValueError: ``data`` is not a mapping, or it has a key that is not a field of ``cls`` (named).
+            ValueError: ``data`` is not a mapping, names another class, or has a key that is not a field (named).
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{cls.__name__}.from_dict needs a mapping of field names, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ValueError(f"{cls.__name__}.from_dict: unknown key {unknown[0]!r}; the fields are {sorted(known)}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _decode(v, hints.get(k, Any), f"{cls.__name__}.{k}") for k, v in data.items()})
+        return _build(cls, data)
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Dataclass ``cls`` from plain ``data``: nested configs and dataclasses from dicts, tuples from lists."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__}.from_dict needs a mapping of field names, got {type(data).__name__}")
+    data = dict(data)
+    kind = data.pop("type", cls.__name__)
+    if kind != cls.__name__:
+        raise ValueError(f"{cls.__name__}.from_dict: the data describes a {kind}, not a {cls.__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown key {unknown[0]!r}; the fields are {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _decode(v, hints.get(k, Any), f"{cls.__name__}.{k}") for k, v in data.items()})
 
 
 def _encode(value: Any) -> Any:
     if isinstance(value, BaseConfig):
         return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
     if isinstance(value, Mapping):
         return {k: _encode(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -67,13 +80,15 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return None
         for arg in typing.get_args(hint):
-            if (isinstance(value, Mapping) and _is_config(arg)) or (
+            if (isinstance(value, Mapping) and (_is_config(arg) or dataclasses.is_dataclass(arg))) or (
                 isinstance(value, list) and typing.get_origin(arg) in (tuple, list)
             ):
                 return _decode(value, arg, where)
         return value
     if _is_config(hint) and isinstance(value, Mapping):
         return hint.from_dict(value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        return _build(hint, value)
     if origin is tuple and isinstance(value, (list, tuple)):
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:

@@ -13,7 +13,7 @@ Weights go into sharded safetensors with an index, like transformers (see :mod:`
 Online Hadamard rotations of a layer's input (``add_online_rotations``) are written as a compressed-tensors
 ``transform_config`` (see :mod:`.transforms`). What the format cannot hold is refused before anything is
 written: smoothing inside an activation quantizer (``smooth_in_quantizer=True``), other input rotations
-(``W8A8Config.rotate``), int8 embeddings. Layers vLLM fuses (q/k/v, gate/up) with different activation schemes
+(``W8A8Tuning.rotate_in_quantizer``), int8 embeddings. Layers vLLM fuses (q/k/v, gate/up) with different activation schemes
 are saved with a warning: :func:`.fusion.unify_fused_activations` makes them servable as measured.
 """
 
@@ -98,7 +98,7 @@ def check_exportable(model: nn.Module) -> None:
     if rotated:
         raise ValueError(
             f"{where}: compressed-tensors has no place for these input rotations ({rotated[:3]}...): only one Hadamard "
-            "block without smoothing is exported (add_online_rotations); quantize without W8A8Config.rotate to export"
+            "block without smoothing is exported (add_online_rotations); quantize without W8A8Tuning.rotate_in_quantizer to export"
         )
     inner = [n for n, m in w8a8_layers(model).items() if m.quantization_state()["smooth_scale"] is not None]
     if inner:

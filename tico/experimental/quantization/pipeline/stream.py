@@ -101,17 +101,7 @@ class StreamResult:
         reports = [r for r in reports if r is not None]
         if not reports:
             return None
-        merged = W8A8Report()
-        for r in reports:
-            merged.quantized += r.quantized
-            merged.kept_float.update(r.kept_float)
-            merged.alphas.update(r.alphas)
-            merged.act_ranges.update(r.act_ranges)
-            merged.act_modes.update(getattr(r, "act_modes", {}))
-            merged.block_choices.update(getattr(r, "block_choices", {}))
-            merged.block_errors.update(getattr(r, "block_errors", {}))
-            merged.block_objective_s += getattr(r, "block_objective_s", 0.0)
-        return merged
+        return W8A8Report.merged(reports)
 
 
 @dataclass(frozen=True)
@@ -131,8 +121,7 @@ def _check_config(config: BaseConfig, writes: bool) -> None:
     if not isinstance(config, (SmoothQuantConfig, W8A8Config)):
         raise TypeError(f"quantize_checkpoint supports SmoothQuantConfig and W8A8Config, got {type(config).__name__}")
     if writes and isinstance(config, W8A8Config):
-        refused = [f for f, on in (("rotate", bool(config.rotate)), ("smooth_in_quantizer", config.smooth_in_quantizer),
-                                   ("quantize_embeddings", config.quantize_embeddings)) if on]
+        refused = config.unexportable_options()
         if refused:
             raise ValueError(
                 f"W8A8Config({', '.join(refused)}) cannot be written as compressed-tensors (the format has no place for "
@@ -148,9 +137,10 @@ def _check_names(config: BaseConfig, model: nn.Module) -> None:
         raise ValueError(f"module names in the config that are not modules of {type(model).__name__}: {unknown}")
     if isinstance(config, W8A8Config):
         targets = quantizable_linears(model, config, config.ignore)
-        unmatched = [p for p in config.rotate if not any(rotates(t, p) for t in targets)]
+        unmatched = [p for p in config.tuning.rotate_in_quantizer if not any(rotates(t, p) for t in targets)]
         if unmatched:
-            raise ValueError(f"W8A8Config.rotate names that match no quantized layer of {type(model).__name__}: {unmatched}")
+            raise ValueError(f"W8A8Tuning.rotate_in_quantizer names that match no quantized layer of "
+                             f"{type(model).__name__}: {unmatched}")
 
 
 def _hidden_of(output: Any) -> torch.Tensor:

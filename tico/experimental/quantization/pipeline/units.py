@@ -91,19 +91,20 @@ def scoped_config(config: BaseConfig, block_path: str | None, blocks_path: str, 
         smoothing = dataclasses.replace(smoothing, custom_alpha_map=scoped or None)
     if isinstance(config, W8A8Config):
         targets = quantizable_linears(unit, config, kept_ignore)
-        rotate = tuple(p for p in config.rotate if any(rotates(t, p) for t in targets))
-        return dataclasses.replace(config, smoothing=smoothing, ignore=kept_ignore, rotate=rotate)
+        rotate = tuple(p for p in config.tuning.rotate_in_quantizer if any(rotates(t, p) for t in targets))
+        return dataclasses.replace(config, smoothing=smoothing, ignore=kept_ignore).with_tuning(rotate_in_quantizer=rotate)
     return smoothing  # type: ignore[return-value]
 
 
 def rotates(name: str, pattern: str) -> bool:
-    """Whether a ``W8A8Config.rotate`` pattern names layer ``name`` (``"all"``, the name, or a name suffix)."""
+    """Whether a ``W8A8Tuning.rotate_in_quantizer`` pattern names layer ``name`` (``"all"``, the name, or a name
+    suffix)."""
     return pattern == "all" or name == pattern or name.endswith("." + pattern)
 
 
 def quantizable_linears(unit: nn.Module, config: W8A8Config, ignore: tuple[str, ...]) -> list[str]:
     """Linear-like layers of ``unit`` that W8A8 would quantize (not ignored, not a float LM head), so that
-    ``rotate`` patterns are given only to the units they concern (the quantizer refuses unmatched ones)."""
+    ``rotate_in_quantizer`` patterns are given only to the units they concern (the quantizer refuses unmatched ones)."""
     getter = getattr(unit, "get_output_embeddings", None)
     head = getter() if callable(getter) and not config.quantize_lm_head else None
     return [

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Literal, Sequence, Union
 
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
 
 __all__ = ["SCHEMES", "DEFAULT_ALPHA", "DEFAULT_ACT_RANGE", "DEFAULT_DYNAMIC_FALLBACK", "DEFAULT_BLOCK_OBJECTIVE", "build_config", "config_to_dict", "demo_recipes"]
 
@@ -112,7 +112,7 @@ def demo_recipes() -> dict[str, AnyConfig | None]:
     return {
         "float": None,
         "W8A8 dynamic, naive": W8A8Config(activations="dynamic"),
-        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", smooth_in_quantizer=True),
+        "W8A8 dynamic, SmoothQuant": W8A8Config(smoothing=smooth, activations="dynamic", tuning=W8A8Tuning(smooth_in_quantizer=True)),
         "W8A8 static, naive": W8A8Config(activations="static", act_range="absmax"),
-        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", smooth_in_quantizer=True),
+        "W8A8 static, SmoothQuant": W8A8Config(smoothing=smooth, activations="static", tuning=W8A8Tuning(smooth_in_quantizer=True)),
     }

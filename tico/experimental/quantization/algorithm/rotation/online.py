@@ -12,7 +12,7 @@ tensor ``<module>.<group>_input.weight``; vLLM applies input transforms of types
 ``random-hadamard`` (any size with a known Hadamard base, e.g. 172).
 
 :func:`add_online_rotations` puts the rotation into the float model: each target becomes a
-:class:`~tico.experimental.quantization.algorithm.w8a8.rotation.RotatedInputLinear` (``x -> inner(x H)``) whose
+:class:`~tico.experimental.quantization.nn.rotated.RotatedInputLinear` (``x -> inner(x H)``) whose
 ``inner`` Linear holds ``W H``; W8A8 then calibrates and quantizes ``inner`` on the rotated input, exactly as the
 run-time transform will feed it, and ``save_compressed`` writes the ``transform_config``
 (:mod:`tico.experimental.quantization.export.transforms`). :func:`transform_config` gives the same description
@@ -30,7 +30,7 @@ from torch import nn
 
 from tico.experimental.quantization.algorithm.rotation.fuse import _logits
 from tico.experimental.quantization.algorithm.rotation.hadamard import Rotation, hadamard_order_base, make_rotation
-from tico.experimental.quantization.algorithm.w8a8.rotation import RotatedInputLinear
+from tico.experimental.quantization.nn.rotated import RotatedInputLinear
 from tico.experimental.quantization.structure.probe import example_inputs, run_probe
 
 __all__ = ["DOWN_PROJ_TARGETS", "ONLINE_SUFFIXES", "add_online_rotations", "transform_config"]

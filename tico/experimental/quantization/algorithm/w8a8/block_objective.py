@@ -1,16 +1,15 @@
-"""A model-level objective for W8A8: per decoder block, keep the recipe whose quantized block reproduces the float
+"""``W8A8Config.block_objective``: per decoder block, keep the recipe whose quantized block reproduces the float
 block's output best.
 
 Why: ``alpha="auto"`` and ``dynamic_fallback`` choose by *per-layer* proxies (each layer's output error on sampled
 rows). On models with massive activations (a few tokens, e.g. the first one, through a few channels at
-``down_proj`` inputs; Sun et al., 2024) smoothing moves those tokens into the weights: every layer looks fine in
-isolation while the block, and the model, get worse (SmolLM2-135M, static + ``dynamic_fallback=16``: auto-alpha
-smoothing +8.5% ppl, no smoothing -0.7%; block 11's output error is 0.16 smoothed vs 0.005 unsmoothed). The block
-output is where the layers' errors meet (and where the next block's norm reads them), so it is measured there:
+``down_proj`` inputs; Sun et al., 2024) smoothing moves those tokens into the weights: every layer can look fine in
+isolation while the block, and the model, get worse. The block output is where the layers' errors meet (and where
+the next block's norm reads them), so it is measured there:
 
 * calibration records, per decoder block, its call arguments and float output for the first calls, until
-  ``block_objective_tokens`` tokens (:class:`BlockRecorder`; the float output comes free with the calibration
-  forward, so no reference forward is run);
+  ``tuning.block_objective_tokens`` tokens (:class:`BlockRecorder`; the float output comes free with the
+  calibration forward, so no reference forward is run);
 * convert plans every candidate completely (each with its own static ranges and dynamic-fallback decisions),
   then per block runs the block once per candidate on the recorded inputs with that candidate's layers swapped in
   and its smoothing folded, inside a :class:`~tico.experimental.quantization.quantizer.Transaction` that is
@@ -19,12 +18,11 @@ output is where the layers' errors meet (and where the next block's norm reads t
 
 Candidates (:data:`CANDIDATES`): ``"searched"`` (the per-layer-searched alphas: the recipe without this option)
 and ``"unsmoothed"`` (the block's smoothing groups off: scales 1), plus ``"alpha=a"`` for each
-``W8A8Config.block_objective_alphas`` entry (the block's groups all at that fixed alpha; on SmolLM2-135M,
-dynamic, with 0.25/0.5/0.75 the searched alphas kept 29 of 30 blocks). A group can be switched per block only if its
-producer and all its consumers are inside one block; other groups keep the searched alphas. Smoothing applied
-inside a layer's quantizer (``smooth_in_quantizer``) is not switched. Everything chosen exports as the searched
-recipe does (a group off is a fold by 1: nothing in the format changes). A group switched off keeps its searched
-alpha in the smoothing plan (with scales 1) and is dropped from ``report.alphas``.
+``W8A8Tuning.block_objective_alphas`` entry (the block's groups all at that fixed alpha). A group can be switched
+per block only if its producer and all its consumers are inside one block; other groups keep the searched alphas.
+Smoothing applied inside a layer's quantizer (``smooth_in_quantizer``) is not switched. Everything chosen exports
+as the searched recipe does (a group off is a fold by 1: nothing in the format changes). A group switched off
+keeps its searched alpha in the smoothing plan (with scales 1) and is dropped from ``report.alphas``.
 
 Where it applies: in memory, the blocks are the ``nn.ModuleList`` the streaming pipeline would find (float inputs,
 as the in-memory calibration sees them); streamed, each block unit is its own (inputs as propagated). With
@@ -32,22 +30,33 @@ as the in-memory calibration sees them); streamed, each block unit is its own (i
 (a warning says so).
 
 Cost: one forward of each block per candidate on ``block_objective_tokens`` tokens, plus planning the switched
-layers a second time (ranges and fallback decisions); measured in ``benchmarks/massive_activations.py``.
+layers a second time (ranges and fallback decisions); ``benchmarks/massive_activations.py`` measures it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
+from tico.experimental.quantization.algorithm.w8a8 import attention
+from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.quantizer import Transaction
+from tico.experimental.quantization.structure.blocks import decoder_blocks
 from tico.experimental.quantization.structure.names import within
+
+if TYPE_CHECKING:
+    from tico.experimental.quantization.algorithm.w8a8.planner import LayerPlanner
+
+logger = logging.getLogger(__name__)
 
 # Call arguments that carry state across calls (KV caches): a trial forward must not read or grow them, and the
 # recorded calls come from fresh forwards, so they are replayed without one. Known names, and any value whose
@@ -233,3 +242,110 @@ def choose(
         best = min(candidates, key=rank).name
         choices[block] = BlockChoice(block, best, errors, groups, tokens)
     return choices
+
+
+def find_switchable(model: nn.Module, sq: SmoothQuantQuantizer, tokens: int) -> tuple[dict[str, list[str]], BlockRecorder]:
+    """The smoothed groups that lie inside one decoder block (producer and consumers), per block, and a recorder
+    of those blocks' first calibration calls (``tokens`` tokens each)."""
+    blocks = decoder_blocks(model)
+    switchable: dict[str, list[str]] = {}
+    for g in sq.plan.smoothed:
+        for b in blocks:
+            if within(g.producer, b) and all(within(c.module, b) for c in g.consumers):
+                switchable.setdefault(b, []).append(g.producer)
+                break
+    if not blocks:
+        logger.warning("W8A8Config.block_objective: no decoder blocks found in %s; the searched smoothing is kept",
+                       type(model).__name__)
+    return switchable, BlockRecorder(list(switchable), tokens)
+
+
+def choose_per_block(
+    planner: "LayerPlanner", recorder: BlockRecorder, switchable: dict[str, list[str]], smoothing: ScalePlan,
+    layers: dict[str, nn.Module], report: W8A8Report, attention_scales: dict[str, dict[str, float]],
+) -> None:
+    """Per block, the searched smoothing, none, or one of ``block_objective_alphas`` for the block's groups,
+    whichever quantized block reproduces the float block's recorded output best; ``smoothing``, ``layers`` and
+    ``report`` are updated in place."""
+    start = time.perf_counter()
+    model, sq, folded_by = planner.model, planner.sq, planner.folded_by
+    assert sq is not None
+    switched = {p for producers in switchable.values() for p in producers}
+    touched = [n for n in layers if n in switched or (n in folded_by and folded_by[n][0].producer in switched)]
+    others = _plan_candidates(planner, smoothing, layers, switched, touched)
+    candidates = [Candidate("searched", _folded(model, sq, smoothing, switched, layers), layers)]
+    candidates += [Candidate(n, _folded(model, sq, plan, switched, layers) if n != "unsmoothed" else {}, lc)
+                   for n, (plan, lc, _) in others.items()]
+    choices = choose(model, switchable, candidates, recorder, attention_scales, attention.STATE_ATTR)
+    for block, choice in choices.items():
+        report.block_choices[block] = choice.describe()
+        report.block_errors[block] = dict(choice.errors)
+        if choice.chosen != "searched":
+            _adopt(block, choice, others[choice.chosen], smoothing, layers, touched, report)
+            logger.info("%s: %s", block, choice.describe())
+    report.block_objective_s = time.perf_counter() - start
+
+
+def _folded(model: nn.Module, sq: SmoothQuantQuantizer, plan: ScalePlan, switched: set[str],
+            layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The switched producers' own parameters the fold changes (norm weights, biases), as ``plan`` leaves them
+    (SmoothQuant's own arithmetic); a Linear producer is replaced by its planned layer instead."""
+    folded = {}
+    for p in switched:
+        if p in layers:
+            continue
+        for pname, _ in model.get_submodule(p).named_parameters(recurse=False):
+            folded[f"{p}.{pname}"] = sq.smoothed_parameter(model, plan, f"{p}.{pname}")
+    return folded
+
+
+def _plan_candidates(
+    planner: "LayerPlanner", smoothing: ScalePlan, layers: dict[str, nn.Module], switched: set[str], touched: list[str],
+) -> dict[str, tuple[ScalePlan, dict[str, nn.Module], W8A8Report]]:
+    """Every candidate but ``"searched"`` (the plan as it is): name -> (its smoothing plan, its layers, its
+    report); a candidate whose smoothing fails SmoothQuant's validation is dropped with a warning."""
+    model, sq = planner.model, planner.sq
+    assert sq is not None
+    groups = {g.producer: g for g in sq.plan.smoothed if g.producer in switched}
+    variants: list[tuple[str, float | None]] = [("unsmoothed", None)]
+    variants += [(f"alpha={a:g}", float(a)) for a in planner.config.tuning.block_objective_alphas]
+    others = {}
+    for cname, a in variants:
+        if a is None:
+            scales = {p: torch.ones_like(s) if p in switched else s for p, s in smoothing.scales.items()}
+            alphas = dict(smoothing.alphas)
+        else:
+            scales = {p: sq.scales_for(model, groups[p])(a) if p in switched else s for p, s in smoothing.scales.items()}
+            alphas = {p: a if p in switched else v for p, v in smoothing.alphas.items()}
+        plan = ScalePlan(alphas=alphas, scales=scales)
+        problems = sq.validate(model, plan)
+        if problems:
+            logger.warning("block_objective: candidate %s dropped: %s", cname, problems[:3])
+            continue
+        report_c = W8A8Report()
+        layers_c = dict(layers)
+        layers_c.update(planner.plan_layers(touched, plan, report_c, f"planning {cname} candidates (block objective)"))
+        others[cname] = (plan, layers_c, report_c)
+    return others
+
+
+def _adopt(
+    block: str, choice: BlockChoice, candidate: tuple[ScalePlan, dict[str, nn.Module], W8A8Report],
+    smoothing: ScalePlan, layers: dict[str, nn.Module], touched: list[str], report: W8A8Report,
+) -> None:
+    """Take ``candidate``'s smoothing, layers, ranges and modes for ``block``'s switched groups and layers."""
+    plan, layers_c, report_c = candidate
+    for p in choice.groups:
+        smoothing.scales[p] = plan.scales[p]
+        smoothing.alphas[p] = plan.alphas[p]
+        if choice.chosen == "unsmoothed":
+            report.alphas.pop(p, None)
+        else:
+            report.alphas[p] = plan.alphas[p]
+    for name in touched:
+        if within(name, block):
+            layers[name] = layers_c[name]
+            for mine, theirs in ((report.act_ranges, report_c.act_ranges), (report.act_modes, report_c.act_modes)):
+                mine.pop(name, None)
+                if name in theirs:
+                    mine[name] = theirs[name]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.algorithm.w8a8.search import int8_product, static_codes
 from tico.experimental.quantization.nn.qscheme import quantize_per_token, quantize_weight
 
@@ -38,13 +39,12 @@ logger = logging.getLogger(__name__)
 
 MASSIVE_RATIO = 20.0  # a token whose abs-max exceeds this many median tokens' is reported as massive
 # Ordinary rows scored per layer: the error is a mean of per-token ratios, which a seeded uniform subset of the
-# sample estimates well; scoring every sampled row cost most of convert (3 matmuls over 2048 rows per layer).
+# sample estimates well; scoring every sampled row cost most of convert.
 SCORE_ROWS = 512
 # Output channels scored per layer on the ordinary rows (a seeded subset of wider layers): an ordinary token's
 # relative error is a ratio of two sums over the output channels, which a subset estimates well; the full products
-# of an MLP's 8192-14336 outputs cost most of the fallback decision on a 1B-8B model. The massive rows (<= keep)
-# are scored on every channel: their error sits in a few output channels (a subset halved one layer's ratio on
-# SmolLM2 and flipped its decision).
+# of wide MLPs cost most of the fallback decision. The massive rows (<= keep) are scored on every channel: their
+# error sits in a few output channels (a subset can flip the decision).
 SCORE_CHANNELS = 1024
 
 
@@ -128,8 +128,8 @@ def _relative_errors(x: torch.Tensor, static_range: float, weight: torch.Tensor,
     is the exact int8 x int8 -> int32 product of the codes (``qw``, scales ``sw``), then the two scales.
 
     A pooled ratio ``sum err / sum ref`` would be dominated by the massive rows' output energy and hide a
-    scale that leaves the ordinary tokens a handful of int8 levels (measured: pooled 1e-3 for a layer that alone
-    took a model's KL from 1e-4 to 0.3).
+    scale that leaves the ordinary tokens a handful of int8 levels (a layer can look fine pooled and alone
+    wreck a model's output).
     """
     if x.shape[0] == 0:
         return 0.0, 0.0
@@ -185,3 +185,22 @@ def choose_activation_mode(
     static, dynamic = (x_static, m_static), (x_dynamic, m_dynamic)
     keep_static = all(s <= budget * d for s, d in zip(static, dynamic))
     return LayerChoice("static" if keep_static else "dynamic", ratio, positions, static, dynamic)
+
+
+def choose_layer_mode(
+    name: str, linear: torch.nn.Linear, obs: Any, divisor: torch.Tensor | None, smooth: torch.Tensor | None,
+    sample: torch.Tensor | None, static_r: float, budget: float, weight_granularity: str, report: W8A8Report,
+) -> str:
+    """Layer ``name`` (its smoothed ``linear``, its :class:`MassiveRowObserver` ``obs``, its input divided by
+    ``divisor``): static unless its measured output error (ordinary and massive rows) exceeds ``budget``; the
+    choice and its numbers go to ``report.act_modes`` (a dynamic layer's static range leaves ``act_ranges``)."""
+    rows = obs.massive_rows.float()
+    if divisor is not None:
+        rows = rows / divisor.to(rows.device)
+    weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
+    choice = choose_activation_mode(sample, rows, obs.massive_positions, static_r, weight, budget, weight_granularity)
+    report.act_modes[name] = choice.describe()
+    if choice.mode == "dynamic":
+        report.act_ranges.pop(name, None)
+        logger.info("%s: %s", name, choice.describe())
+    return choice.mode

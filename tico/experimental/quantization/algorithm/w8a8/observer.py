@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.algorithm.smoothquant.observer import ChannelAbsMaxObserver, tensor_channel_absmax
+from tico.experimental.quantization.algorithm.smoothquant.scales import ChannelAbsMaxObserver, tensor_channel_absmax
 
 
 class _Step:

@@ -1,5 +1,8 @@
 """Static per-tensor activation ranges: abs-max, MSE-optimal clipping (``mse``, ``output_mse``), or a percentile.
 
+Each method is a :class:`RangeMethod` (:data:`RANGE_METHODS`, :func:`range_method`): ``W8A8Config.act_range`` is
+interpreted here and nowhere else.
+
 Abs-max over a calibration set is hostage to a few extreme tokens; clipping them costs a little error on those
 tokens and buys resolution for all the others. ``mse`` picks the clip that minimises the quantization error of
 the calibration sample, with exactly the quantizer that will be deployed.
@@ -60,7 +63,7 @@ class RangeSketch:
             channels = torch.arange(c, device=x.device).repeat(n_rows)
             return cls(x.float().flatten(), channels, None)
         m = max(1, min(n_rows, int(max_scored * TAIL_FRACTION) // c))
-        top = x.abs().topk(m, dim=0).indices  # [m, C] (2x faster than on a contiguous transposed copy)
+        top = x.abs().topk(m, dim=0).indices  # [m, C] (faster than on a contiguous transposed copy)
         tail = x.gather(0, top).float().flatten()
         tail_channels = torch.arange(c, device=x.device).repeat(m)
         in_tail = torch.zeros(n_rows, c, dtype=torch.bool, device=x.device).scatter_(0, top, True).flatten()
@@ -201,31 +204,86 @@ def percentile_range(sample: torch.Tensor, absmax: float, percentile: float) -> 
     return min(absmax, float(torch.kthvalue(x, k).values))
 
 
-def static_range(
-    method: str,
-    sample: torch.Tensor | None,
-    absmax: float,
-    percentile: float,
-    weight: torch.Tensor | None = None,
-    weight_q: torch.Tensor | None = None,
-    sketch: RangeSketch | None = None,
-) -> float:
-    """The range ``r`` of a static per-tensor int8 scale ``r / 127`` under ``method``.
+class RangeMethod:
+    """How a static per-tensor range ``r`` (int8 scale ``r / 127``) is chosen: the one interpretation of
+    ``W8A8Config.act_range``. Convert, the alpha search and the in-quantizer rotation all call :meth:`choose`.
 
-    ``"output_mse"`` needs the layer's (smoothed) ``weight`` and its deployed quantize-dequantize ``weight_q``;
-    without them it falls back to ``"mse"``. ``sketch``: ``sample``'s :class:`RangeSketch` if already built
-    (``"mse"`` then scores it instead of sketching ``sample`` again).
+    ``needs_sample``: chosen from a row sample (not from the per-channel statistics alone); ``per_weight``: depends
+    on the layer's (smoothed) weight, so layers reading one input may get different ranges; ``sketched``: scores
+    a :class:`RangeSketch` of the whole sample when one is given (the alpha search and convert share it).
     """
-    if method == "absmax" or sample is None:
+
+    name = ""
+    needs_sample = True
+    per_weight = False
+    sketched = False
+
+    def choose(
+        self, sample: torch.Tensor | None, absmax: float, *, weight: torch.Tensor | None = None,
+        weight_q: torch.Tensor | None = None, sketch: RangeSketch | None = None,
+    ) -> float:
+        """The range for ``sample`` (``absmax``: over all calibration data, the largest candidate). Without a
+        sample the range is ``absmax`` (nothing else is known)."""
+        if sample is None and sketch is None:
+            return absmax
+        return self._choose(sample, absmax, weight, weight_q, sketch)
+
+    def _choose(self, sample, absmax, weight, weight_q, sketch) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class AbsMax(RangeMethod):
+    """The abs-max over all calibration data (from the per-channel statistics: no sample needed)."""
+
+    name, needs_sample = "absmax", False
+
+    def choose(self, sample, absmax, *, weight=None, weight_q=None, sketch=None) -> float:
         return absmax
-    if method == "output_mse" and weight is not None and weight_q is not None:
-        return output_mse_range(sample, absmax, weight, weight_q)
-    if method == "output_mse":
-        method = "mse"
-    if method == "mse":
+
+
+class Mse(RangeMethod):
+    """The clip with the smallest quantization error of the activation itself (:func:`mse_range`)."""
+
+    name, sketched = "mse", True
+
+    def _choose(self, sample, absmax, weight, weight_q, sketch) -> float:
         if sketch is not None:
             return sketch.mse_clip(absmax) if absmax > 0 else 0.0
         return mse_range(sample, absmax)
-    if method == "percentile":
-        return percentile_range(sample, absmax, percentile)
-    raise ValueError(f"unknown activation range method {method!r}; expected 'absmax', 'mse', 'output_mse' or 'percentile'")
+
+
+class OutputMse(RangeMethod):
+    """The clip with the smallest output error of the layer, weights quantized as deployed (:func:`output_mse_range`)."""
+
+    name, per_weight = "output_mse", True
+
+    def _choose(self, sample, absmax, weight, weight_q, sketch) -> float:
+        if sample is None or weight is None or weight_q is None:
+            raise ValueError("act_range='output_mse' scores the layer's output: it needs the sample, the (smoothed) "
+                             "weight and its deployed quantize-dequantize weight_q")
+        return output_mse_range(sample, absmax, weight, weight_q)
+
+
+@dataclass(frozen=True, repr=True)
+class Percentile(RangeMethod):
+    """The ``percentile`` of ``|x|`` over the sample (:func:`percentile_range`)."""
+
+    percentile: float = 99.99
+    name = "percentile"
+
+    def _choose(self, sample, absmax, weight, weight_q, sketch) -> float:
+        return percentile_range(sample, absmax, self.percentile)
+
+
+RANGE_METHODS = {"absmax": AbsMax, "mse": Mse, "output_mse": OutputMse, "percentile": Percentile}
+"""``act_range`` name -> its :class:`RangeMethod` (the names of ``W8A8Config.act_range``)."""
+
+
+def range_method(name: str, percentile: float = 99.99) -> RangeMethod:
+    """The :class:`RangeMethod` called ``name`` (``percentile``: the percentile method's parameter)."""
+    if name not in RANGE_METHODS:
+        raise ValueError(f"unknown activation range method {name!r}; expected one of {list(RANGE_METHODS)}")
+    return Percentile(percentile) if name == "percentile" else RANGE_METHODS[name]()

@@ -23,7 +23,7 @@ times the calibration forward itself). It therefore
   (halving steps, moving on while that improves) are *scored* at full fidelity; only full-fidelity scores
   compete for the result (about 7 estimates and 4 to 5 scores instead of 11 scores),
 * scores each alpha with exact int8 x int8 -> int32 products (``int8_matmul``: the integers of ``Qa`` and
-  ``Qw``, then their two scales), 2-4x cheaper than fp32 fake-quant products on CPU,
+  ``Qw``, then their two scales), cheaper than fp32 fake-quant products on CPU,
 * computes ``Qa(X / s)`` once per distinct input (``q/k/v`` read one tensor) and the references ``X W^T`` once,
 * chooses MSE ranges from one :class:`~.ranges.RangeSketch` of the sample per input (shared with convert's
   static ranges through a :class:`~.ranges.SketchCache`), scaled per alpha (the
@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
-from tico.experimental.quantization.algorithm.w8a8.ranges import RangeSketch, SketchCache, static_range
+from tico.experimental.quantization.algorithm.w8a8.ranges import RangeMethod, RangeSketch, SketchCache, range_method
 from tico.experimental.quantization.nn.kernels import int8_matmul
 from tico.experimental.quantization.nn.qscheme import (
     fake_quant_activation,
@@ -55,17 +55,13 @@ from tico.experimental.quantization.nn.qscheme import (
 )
 
 SCORE_ROWS = 512
-"""Rows of the calibration sample scored per alpha (:func:`score_rows` when the sample is larger). With ~10 of
-21 alphas scored, ``SCORE_ROWS * 10`` rows per layer cost about 0.6 of a 32x256-token calibration forward.
-256 rows were cheaper but chose worse alphas where outliers are spread over many tokens (post-LN MiniLM,
-static, in-quantizer smoothing: embedding cosine 0.9914 with 256 rows, 0.9940 with 512, 0.9956 with 1024,
-0.9963 scoring all rows); 1024 rows in turn lost to alpha=0.5 on held-out stories260K text in one
-configuration (tests/algorithm/w8a8/test_quantizer.py), 512 did not."""
+"""Rows of the calibration sample scored per alpha (:func:`score_rows` when the sample is larger): fewer rows
+chose worse alphas where outliers are spread over many tokens, more rows overfit small calibration sets
+(``tests/algorithm/w8a8/test_quantizer.py``)."""
 SCORE_CHANNELS = 1024
 """Output channels of a consumer scored per alpha (a seeded subset when it has more; per-channel weights and
-non-``output_mse`` ranges only, where the subset is an unbiased estimate). On Llama-3.2-1B's shapes this cut
-the search from ~3.5 s to ~1 s per block on 2 CPU cores; on the outlier Llama and stories260K (<= 1024
-outputs) nothing changes."""
+ranges that do not depend on the weight only, where the subset is an unbiased estimate): the products of wide
+layers were most of the search."""
 SEED = 0
 COARSE_OTHERS = 1 / 3
 """Share of the non-extreme scored rows the coarse stage of the search scores (all extreme rows are kept)."""
@@ -79,9 +75,13 @@ class DeployedQuant:
 
     weights: str  # "per_channel" | "per_tensor"
     activations: str  # "dynamic" | "static"
-    act_range: str  # "absmax" | "mse" | "output_mse" | "percentile"
+    act_range: str  # a name of ranges.RANGE_METHODS
     percentile: float
-    objective: str = "absolute"  # "absolute": sum_i ||e_i||^2; "token_relative": sum_i ||e_i||^2 / ||y_i||^2
+
+    @property
+    def method(self) -> RangeMethod:
+        """The static range method (:mod:`.ranges`)."""
+        return range_method(self.act_range, self.percentile)
 
     def quantize_acts(
         self,
@@ -100,8 +100,9 @@ class DeployedQuant:
 
     def static_range(self, sample: torch.Tensor, absmax_smoothed: torch.Tensor, weight: torch.Tensor | None = None) -> float:
         """The deployed static range of a smoothed input (as convert computes it)."""
-        wq = None if weight is None or self.act_range != "output_mse" else self.quantize_weight(weight)
-        return static_range(self.act_range, sample, float(absmax_smoothed.max()), self.percentile, weight, wq)
+        method = self.method
+        wq = None if weight is None or not method.per_weight else self.quantize_weight(weight)
+        return method.choose(sample, float(absmax_smoothed.max()), weight=weight, weight_q=wq)
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quant_weight(w, self.weights)
@@ -156,7 +157,6 @@ class _Rows:
     def __init__(self, rows: torch.Tensor, weights: torch.Tensor | None, sketch: Callable[[], RangeSketch]) -> None:
         self.rows, self.weights, self.sketch = rows, weights, sketch
         self.refs: list[torch.Tensor] = []
-        self.term_weights: list[torch.Tensor | None] = []  # per consumer: ``weights`` times the objective's row weights
 
 
 class _Input:
@@ -191,7 +191,7 @@ class _Input:
                 self._coarse_idx = idx
                 self.coarse = _Rows(rows[idx], weights, self.thin_sketch)
 
-    def add(self, term: Term, objective: str = "absolute", max_channels: int | None = None) -> None:
+    def add(self, term: Term, max_channels: int | None = None) -> None:
         w = term.weight.float().to(self.full.rows.device)
         if max_channels is not None and w.shape[0] > max_channels:
             gen = torch.Generator().manual_seed(SEED + 2 + len(self.weights))
@@ -203,11 +203,8 @@ class _Input:
         self.weights.append(w)
         ref = self.full.rows @ w.T
         self.full.refs.append(ref)
-        row_weights = _objective_weights(ref, self.full.weights, objective)
-        self.full.term_weights.append(row_weights)
         if self.coarse is not self.full:
             self.coarse.refs.append(ref[self._coarse_idx])
-            self.coarse.term_weights.append(_objective_weights(ref[self._coarse_idx], self.coarse.weights, objective))
 
     def error(self, scales: torch.Tensor, quant: DeployedQuant, coarse: bool = False) -> float:
         view = self.coarse if coarse else self.full
@@ -215,23 +212,24 @@ class _Input:
         x = view.rows / s
         absmax = self.absmax.to(s.device) / s
         err = 0.0
-        if quant.activations == "static" and quant.act_range == "output_mse":  # the range depends on each weight
-            for w, ref, rw, f in zip(self.weights, view.refs, view.term_weights, self.factors):
+        method = quant.method
+        if quant.activations == "static" and method.per_weight:  # the range depends on each weight
+            for w, ref, f in zip(self.weights, view.refs, self.factors):
                 ws = w * s
                 qx, sx = static_codes(x, quant.static_range(x, absmax, ws))
-                err += f * _weighted(_int_output(qx, sx, ws, quant).sub_(ref), rw)
+                err += f * _weighted(_int_output(qx, sx, ws, quant).sub_(ref), view.weights)
             return err
         if quant.activations == "dynamic":
             qx, sx = quantize_per_token(x)
-        elif quant.act_range == "mse":  # the deployed range, from the whole sample's sketch
-            qx, sx = static_codes(x, view.sketch().scaled(s).mse_clip(float(absmax.max())))
+        elif method.sketched:  # the deployed range, from the whole sample's sketch
+            qx, sx = static_codes(x, method.choose(None, float(absmax.max()), sketch=view.sketch().scaled(s)))
         else:  # the deployed range comes from the whole sample, not only the scored rows
             full = None
-            if quant.act_range != "absmax" and self.sample.numel() > x.numel():
+            if method.needs_sample and self.sample.numel() > x.numel():
                 full = self.sample.reshape(-1, s.numel()) / s
             qx, sx = static_codes(x, quant.static_range(x if full is None else full, absmax))
-        for w, ref, rw, f in zip(self.weights, view.refs, view.term_weights, self.factors):
-            err += f * _weighted(_int_output(qx, sx, w * s, quant).sub_(ref), rw)
+        for w, ref, f in zip(self.weights, view.refs, self.factors):
+            err += f * _weighted(_int_output(qx, sx, w * s, quant).sub_(ref), view.weights)
         return err
 
     def sketch(self) -> RangeSketch:
@@ -244,20 +242,6 @@ class _Input:
         if self._thin is None:
             self._thin = self.sketch().thinned(COARSE_SKETCH_REST)
         return self._thin
-
-
-def _objective_weights(ref: torch.Tensor, weights: torch.Tensor | None, objective: str) -> torch.Tensor | None:
-    """Per scored row, the weight of its squared error: the sampling ``weights`` (None: 1), divided for
-    ``"token_relative"`` by the row's squared float output norm ``||y_i||^2`` (each token's error relative to its
-    own output, as a per-token quantizer and the per-token norms after the layer see it; a token's
-    output norm of 0 counts as the mean one)."""
-    if objective == "absolute":
-        return weights
-    if objective != "token_relative":
-        raise ValueError(f"unknown alpha search objective {objective!r}")
-    norms = torch.linalg.vecdot(ref, ref)
-    norms = torch.where(norms > 0, norms, norms.mean().clamp_min(torch.finfo(norms.dtype).tiny))
-    return (1.0 if weights is None else weights) / norms
 
 
 def _weighted(diff: torch.Tensor, row_weights: torch.Tensor | None) -> float:
@@ -281,8 +265,8 @@ def _int_output(qx: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, quant: Depl
 
 def int8_product(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """``Qa(x) Qw(w)^T`` in fp32 from the codes ``qx`` (scale ``sx``: ``[]`` or ``[rows, 1]``) and ``qw`` (scale
-    ``sw``: ``[out, 1]`` or ``[1]``): one exact int8 x int8 -> int32 product (2-4x cheaper than the fp32 one on
-    CPU), then the two scales."""
+    ``sw``: ``[out, 1]`` or ``[1]``): one exact int8 x int8 -> int32 product (cheaper than the fp32 one on CPU),
+    then the two scales."""
     out = int8_matmul(qx, qw).float()
     if sx.numel() == 1:  # static: one pass with the product of the two scales
         return out.mul_(sw.reshape(1, -1) * sx)
@@ -353,13 +337,13 @@ def search_alpha(
         scores where both exist (all of ``grid`` when exhaustive; always the grid point nearest 0.5).
     """
     inputs: dict[tuple[int, tuple[int, ...] | None], _Input] = {}
-    subsample = not exhaustive and quant.weights == "per_channel" and quant.act_range != "output_mse"
+    subsample = not exhaustive and quant.weights == "per_channel" and not quant.method.per_weight
     for t in terms:
         key = (id(t.sample), t.channel_map)
         if key not in inputs:
             inputs[key] = _Input(t, None if exhaustive else max_rows)
             inputs[key].sketches = sketches
-        inputs[key].add(t, quant.objective, max_channels if subsample else None)
+        inputs[key].add(t, max_channels if subsample else None)
     errors: dict[float, float] = {}  # full fidelity
     estimates: dict[float, float] = {}  # coarse fidelity
     scales_of: dict[float, torch.Tensor] = {}
