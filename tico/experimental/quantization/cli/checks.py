@@ -38,6 +38,9 @@ def apply_recipe(args: argparse.Namespace, build_config: Any) -> Any | None:
     for dest, value in recipe.options.items():
         if dest not in args.explicit:
             setattr(args, dest, value)
+    if (recipe.raw.get("options") or {}).get("trust_remote_code") and not args.trust_remote_code:
+        raise CliError(f"--recipe {args.recipe} was run with --trust-remote-code; a recipe cannot allow a model's own "
+                       "code to run: pass --trust-remote-code yourself if you trust it", EXIT_ARGS)
     given = sorted(CONFIG_OPTIONS & args.explicit)
     if not given:
         return recipe.config
@@ -112,9 +115,14 @@ def _scheme_problem(args: argparse.Namespace, given: set[str], scheme: str | Non
 def _text_problem(args: argparse.Namespace, given: set[str]) -> str | None:
     from tico.experimental.quantization.run.loading import is_local_text
 
-    if not args.dataset or not is_local_text(args.dataset):
+    flags = {"dataset_config": "--dataset-config", "split": "--split", "text_column": "--text-column"}
+    if not args.dataset:
+        given_flags = [flag for dest, flag in flags.items() if dest in given]
+        return f"{given_flags[0]} applies to a --dataset, and none is given" if given_flags else None
+    if not is_local_text(args.dataset):
         return None
-    for dest, flag in (("dataset_config", "--dataset-config"), ("split", "--split")):
+    for dest in ("dataset_config", "split"):
+        flag = flags[dest]
         if dest in given:
             return f"{flag} applies to hub datasets, not to the local file {args.dataset}: drop {flag}"
     if "text_column" in given and not args.dataset.endswith(".jsonl"):

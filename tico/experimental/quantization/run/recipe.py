@@ -25,7 +25,8 @@ from tico.experimental.quantization.export.publish import RECIPE_FILE
 
 __all__ = ["Recipe", "RecipeError", "read_recipe", "config_from_dict", "RUN_OPTIONS"]
 
-# The command-line options a recipe records, as (option dest, where in the recipe, key there).
+# The command-line options a recipe records, as (option dest, where in the recipe, key there). Not
+# trust_remote_code: a file must not be able to allow a model's own code to run; the user passes it.
 RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("model", "options", "model"),
     ("scheme", "options", "scheme"),
@@ -34,7 +35,6 @@ RUN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("batch_size", "options", "batch_size"),
     ("dtype", "options", "dtype"),
     ("device", "options", "device"),
-    ("trust_remote_code", "options", "trust_remote_code"),
     ("dataset", "calibration", "dataset"),
     ("dataset_config", "calibration", "dataset_config"),
     ("split", "calibration", "split"),
