@@ -236,4 +236,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from results import recorded  # benchmarks/results.py: the figures go to RESULTS.md
+
+    with recorded(enabled=torch.cuda.is_available()):  # a run without a GPU measures nothing worth keeping
+        code = main()
+    sys.exit(code)

@@ -73,3 +73,67 @@ def test_static_scheme_defaults_to_measured_fallback_and_block_choice_and_each_c
     assert build_config("w8a8-dynamic", dynamic_fallback="off").dynamic_fallback is None
     with pytest.raises(ValueError, match="dynamic_fallback applies to w8a8-static"):
         build_config("w8a8-dynamic", dynamic_fallback=16.0)
+
+
+def test_one_publisher_a_shard_writer_inside_a_publisher_writes_in_place(tmp_path):
+    """One staging folder and one rename per output: the checkpoint writer inside a whole-run writer does not
+    stage a second time (issue 17: atomic publishing was written twice, nested)."""
+    import torch
+
+    from tico.experimental.quantization.export.shards import ShardWriter
+
+    seen = []
+
+    def write(folder):
+        with ShardWriter(folder) as shards:
+            shards.add("a", torch.zeros(4))
+            seen.append(sorted(p.name for p in tmp_path.iterdir()))  # only the outer staging folder
+            shards.publish()
+        (folder / "extra.json").write_text("{}")
+
+    out = write_atomically(tmp_path / "out", write)
+    assert len(seen[0]) == 1 and seen[0][0].startswith(".out.partial-")
+    assert sorted(p.name for p in out.iterdir()) == ["extra.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_publisher_errors_name_the_output_not_the_staging_folder(tmp_path):
+    def fail(folder):
+        raise PermissionError(13, "Permission denied", str(folder / "model.safetensors"))
+
+    with pytest.raises(OutputError) as exc:
+        write_atomically(tmp_path / "out", fail)
+    assert str(exc.value) == f"cannot write {tmp_path / 'out' / 'model.safetensors'}: Permission denied"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_tries_to_create_not_only_permission_bits(tmp_path):
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc is Linux's")
+    with pytest.raises(OutputError) as exc:  # root passes os.access on /proc, but nothing can be created there
+        check_output("/proc/tico-out")
+    assert "/proc/tico-out" in str(exc.value) and ".partial" not in str(exc.value)
+
+
+def test_line_display_writes_plain_bounded_lines():
+    import io
+
+    from tico.experimental.quantization.cli.display import LineDisplay
+    from tico.experimental.quantization.progress import progress_callback, stage, track
+
+    now = [0.0]
+    stream = io.StringIO()
+    display = LineDisplay(stream, interval=10.0, clock=lambda: now[0])
+    with progress_callback(display):
+        for _ in track(range(50), "quantizing blocks"):
+            for _ in track(range(4), "choosing alphas"):  # inner steps: no lines of their own
+                now[0] += 0.5
+        with stage("writing out"):
+            now[0] += 1
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and "\x1b[" not in stream.getvalue()
+    assert lines[0] == "quantizing blocks ..." and lines[-1] == "writing out: done in 1.0s"
+    assert "quantizing blocks: done (50 of 50) in 100.0s" in lines
+    assert len(lines) <= 4 + 100 / 10  # start and end of the two outer steps, one line per interval at most

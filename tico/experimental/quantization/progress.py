@@ -1,9 +1,10 @@
 """Progress of long library steps, reported to whoever shows it.
 
-The library never draws progress bars itself (a library that prints is hard to embed); it reports
-``(step, done, total)`` to a callback installed by the caller, and logs each step at DEBUG level. The command
-line installs a callback that draws one tqdm bar per step (with elapsed and remaining time); a script can
-install its own, or none (then nothing is shown and nothing is slowed down).
+This is the library's one progress mechanism. The library never draws progress bars itself (a library that
+prints is hard to embed); every long step reports ``(step, done, total)`` through :func:`track` or
+:func:`stage` to a callback installed by the caller, and logs each step at DEBUG level. The command line
+installs a callback that draws one tqdm bar per step on a terminal and writes plain lines to a log file; a
+script can install its own, or none (then nothing is shown and nothing is slowed down).
 
 >>> from tico.experimental.quantization.progress import progress_callback, track
 >>> seen = []

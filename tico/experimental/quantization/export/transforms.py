@@ -143,12 +143,20 @@ def mark_for_loaders(quantization_config: dict[str, Any]) -> dict[str, Any]:
     return {**quantization_config, "config_groups": groups}
 
 
-def engines_line(quantization_config: dict[str, Any] | None) -> str:
+# Model types whose Linear layers are transformers' Conv1D: their int8 weights keep the [in, out] layout vLLM's
+# loader transposes, which transformers' compressed-tensors decompression (it assumes [out, in]) cannot read.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
+
+
+def engines_line(quantization_config: dict[str, Any] | None, model_type: str | None = None) -> str:
     """One line for a run's summary: which loaders and engines compute a checkpoint with this config correctly."""
     if not quantization_config:
         return "runs with: any loader of a float transformers checkpoint (from_pretrained, vLLM)"
     if quantization_config.get("transform_config"):
         return f"runs with: {ENGINES}"
+    if model_type in CONV1D_MODEL_TYPES:
+        return ("runs with: vLLM and tico's load_compressed (Conv1D int8 weights stored [in, out]; transformers' "
+                "from_pretrained cannot decompress them)")
     return ("runs with: vLLM, tico's load_compressed, and transformers' from_pretrained through compressed-tensors "
             "(int8 simulated in float)")
 
@@ -156,4 +164,4 @@ def engines_line(quantization_config: dict[str, Any] | None) -> str:
 def checkpoint_engines(folder: str | Path) -> str:
     """:func:`engines_line` of the checkpoint saved in ``folder`` (read from its ``config.json``)."""
     raw = json.loads((Path(folder) / "config.json").read_text())
-    return engines_line(raw.get("quantization_config"))
+    return engines_line(raw.get("quantization_config"), raw.get("model_type"))

@@ -8,16 +8,19 @@ before any weight is read: a wrong argument is caught in a second, not after a m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tico.experimental.quantization.progress import stage
 
 __all__ = [
     "InputError",
     "DTYPES",
+    "is_local_text",
+    "is_local_model",
     "load_text",
     "model_config",
     "max_positions",
@@ -26,6 +29,9 @@ __all__ = [
     "load_model",
     "embedded_demo_model",
     "embedded_demo_text",
+    "hub_quiet",
+    "checkpoint_weight_names",
+    "unknown_modules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,13 +45,60 @@ class InputError(Exception):
     """A model, tokenizer or text that cannot be loaded; the message names it and says what to do."""
 
 
+# -- the hub -------------------------------------------------------------------------------------------------
+_HUB_LOGGERS = ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "urllib3")
+_RETRY_WORDS = ("Retrying in", "thrown while requesting", "Max retries exceeded")
+
+
+class _RetryNotice(logging.Filter):
+    """Drops the hub's per-attempt retry warnings and says once, naming what was asked for, that it is
+    unreachable (otherwise an offline run prints a dozen near-identical lines before the real error)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.asked_for = name
+        self.retries = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(word in record.getMessage() for word in _RETRY_WORDS):
+            return True
+        self.retries += 1
+        if self.retries == 1:
+            logger.warning("the Hugging Face hub cannot be reached for %r; retrying quietly (without network, pass a "
+                           "local folder, or set HF_HUB_OFFLINE=1 to use the local cache only)", self.asked_for)
+        return False
+
+
+@contextlib.contextmanager
+def hub_quiet(name: str) -> Iterator[None]:
+    """While loading ``name`` from the hub: its retry warnings summarized in one line (see :class:`_RetryNotice`)."""
+    notice = _RetryNotice(name)
+    manager = logging.root.manager
+    loggers = [logging.getLogger(n) for n in list(manager.loggerDict)
+               if n.split(".")[0] in _HUB_LOGGERS and isinstance(manager.loggerDict[n], logging.Logger)]
+    loggers += [logging.getLogger(n) for n in _HUB_LOGGERS]
+    for each in loggers:
+        each.addFilter(notice)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(notice)
+
+
 # -- text ------------------------------------------------------------------------------------------------
+def is_local_text(dataset: str) -> bool:
+    """Whether ``dataset`` names a local file (read as is) rather than a Hugging Face hub dataset."""
+    path = Path(dataset).expanduser()
+    return path.suffix in (".txt", ".jsonl", ".md") or path.exists() or dataset.startswith((".", "/", "~"))
+
+
 def load_text(dataset: str, config: str | None = None, split: str = "train", column: str = "text") -> str:
     """A local ``.txt``/``.jsonl`` file, or a Hugging Face dataset's ``column`` joined with blank lines."""
     from tico.experimental.quantization.evaluation.data import read_text
 
     path = Path(dataset).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".md") or path.exists() or dataset.startswith((".", "/", "~")):
+    if is_local_text(dataset):
         try:
             text = read_text(path)
         except (FileNotFoundError, ValueError) as exc:
@@ -61,7 +114,8 @@ def load_text(dataset: str, config: str | None = None, split: str = "train", col
             "or pass a local .txt/.jsonl file"
         ) from None
     try:
-        rows = load_dataset(dataset, config, split=split)[column]
+        with hub_quiet(dataset):
+            rows = load_dataset(dataset, config, split=split)[column]
     except Exception as exc:  # noqa: BLE001 - network, unknown name, missing column: all end here
         raise InputError(
             f"cannot load dataset {dataset!r} ({type(exc).__name__}: {_first_line(exc)}); without network access, "
@@ -96,8 +150,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- model -----------------------------------------------------------------------------------------------
-def _is_local(name: str) -> bool:
+def is_local_model(name: str) -> bool:
+    """Whether ``name`` is a local folder (else a Hugging Face hub id)."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+_is_local = is_local_model
 
 
 def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -131,12 +189,49 @@ def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
+        with hub_quiet(name):
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).to_dict()
     except Exception as exc:  # noqa: BLE001 - network, unknown id, gated repository: one message
         raise InputError(
             f"cannot load model {name!r} from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)}); "
             "without network access, pass a local model folder"
         ) from None
+
+
+def checkpoint_weight_names(name: str) -> list[str] | None:
+    """The tensor names of a local checkpoint, read without loading a weight: the ``weight_map`` of
+    ``model.safetensors.index.json``, else the JSON header of ``model.safetensors``. None when they cannot be read
+    here (a hub id, an unreadable file): then the quantizer checks the names when the model is loaded."""
+    if not _is_local(name):
+        return None
+    folder = Path(name).expanduser()
+    try:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            return list(weight_map) if isinstance(weight_map, dict) else None
+        with open(folder / "model.safetensors", "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 30:
+                return None
+            header = json.loads(f.read(size))
+        return [k for k in header if k != "__metadata__"]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def unknown_modules(names: list[str], weight_names: list[str]) -> list[str]:
+    """The ``names`` that are no module holding weights in a checkpoint with tensors ``weight_names``.
+
+    A module holds a weight when it is a dotted prefix of the weight's name. A checkpoint saved from the bare
+    model has no wrapper prefix (``layers.0...`` for ``model.layers.0...``), so a name also counts when it
+    matches after dropping its first part.
+    """
+    prefixes: set[str] = set()
+    for weight in weight_names:
+        parts = weight.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return [n for n in names if n not in prefixes and n.partition(".")[2] not in prefixes]
 
 
 def max_positions(config: dict[str, Any]) -> int | None:
@@ -159,7 +254,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        with hub_quiet(name):
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot load the tokenizer of {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
 
@@ -184,7 +280,7 @@ def load_model(
     config = model_config(name, trust_remote_code)
     if causal_lm is None:
         causal_lm = is_causal_lm(config)
-    with stage(f"loading {name}"):
+    with stage(f"loading {name}"), hub_quiet(name):
         try:
             if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
                 from tico.experimental.quantization.export.compressed_tensors import load_compressed

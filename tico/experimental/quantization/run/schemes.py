@@ -1,10 +1,10 @@
 """The named schemes of the command line, as library configs, and configs as JSON-ready dicts.
 
 One place decides what ``--scheme w8a8-static`` means, so the command line, the examples and the streaming
-pipeline build the same config from the same words. The defaults are the most accurate recipe that can be
-exported to a compressed-tensors checkpoint: ``alpha="auto"`` scored with the deployed quantizer,
-Linear -> Linear smoothing (``linear_producers=True``) and MSE static ranges. (Input rotations and smoothing
-inside the activation quantizer are more accurate still, but have no place in the exported format.)
+pipeline build the same config from the same words. The defaults are chosen among what can be exported to a
+compressed-tensors checkpoint: ``alpha="auto"`` scored with the deployed quantizer, Linear -> Linear smoothing
+(``linear_producers=True``) and MSE static ranges. (Smoothing inside the activation quantizer has no place in
+the exported format, so no scheme uses it.)
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ SCHEMES: dict[str, str] = {
     "smooth": "SmoothQuant smoothing only: a float model with changed weights, outputs unchanged "
     "(save_pretrained folder; quantize it with any tool)",
     "w8a8-dynamic": "smoothing + int8 weights (per channel) + int8 activations with a per-token scale computed at "
-    "run time (most accurate int8; compressed-tensors checkpoint)",
+    "run time (compressed-tensors checkpoint)",
     "w8a8-static": "smoothing + int8 weights (per channel) + int8 activations with one scale per tensor fixed from "
-    "calibration (fastest to serve; compressed-tensors checkpoint)",
+    "calibration (compressed-tensors checkpoint)",
 }
 DEFAULT_ALPHA: dict[str, float | str] = {"smooth": 0.5, "w8a8-dynamic": "auto", "w8a8-static": "auto"}
 DEFAULT_ACT_RANGE = "mse"
 # Static W8A8 on real LLMs meets massive activations (a few tokens no per-tensor scale can hold): by default a
 # layer whose static error exceeds 16x its dynamic per-token error runs dynamic, and each block keeps the
-# searched smoothing or none by its measured output error. Both are measured choices that can only help on the
-# calibration data, both export, and both cost a fraction of a forward pass.
+# searched smoothing or none by its output error on the calibration data. Both are choices made by measuring the
+# calibration data (benchmarks/ compares them), and both export.
 DEFAULT_DYNAMIC_FALLBACK: dict[str, float] = {"w8a8-static": 16.0}
 DEFAULT_BLOCK_OBJECTIVE: dict[str, bool] = {"w8a8-static": True}
 OFF = "off"

@@ -22,7 +22,7 @@ import torch
 
 from tico.experimental.quantization.run.calibration import QuantizationResult, quantize_model
 from tico.experimental.quantization.export.publish import RECIPE_FILE, write_atomically
-from tico.experimental.quantization.run.loading import load_model
+from tico.experimental.quantization.run.loading import is_local_model, load_model
 from tico.experimental.quantization.run.schemes import config_to_dict
 
 __all__ = ["CalibrationSet", "calibration_set", "save_quantized", "quantize_to_folder", "FORMAT"]
@@ -51,6 +51,7 @@ class CalibrationSet:
             "seq_len": int(self.windows.size(1)),
             "first_token": 0,
             "end_token": self.end_token,
+            "seed": None,  # no random choice: the first windows, so the same text gives the same windows
             "selection": "the first windows of the text's token stream (one BOS at its start)",
         }
 
@@ -63,7 +64,8 @@ def calibration_set(tokenizer: Any, text: str, seq_len: int, samples: int, sourc
 
 
 def run_metadata(result: QuantizationResult, config: Any, calibration: CalibrationSet, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything needed to understand or repeat the run: full config, options, calibration tokens, outcome."""
+    """Everything needed to understand or repeat the run (``tico-sq quantize --recipe`` reads it back): the full
+    config, the options, the calibration text and tokens, and the outcome."""
     report = result.report
     return {
         "format": FORMAT,
@@ -152,7 +154,7 @@ def quantize_to_folder(
     outputs of earlier ones. Rotations (which rewrite the whole residual stream) and a ``dtype`` other than the
     checkpoint's need the whole model in memory, so they take the in-memory path.
     """
-    options = dict(options or {}, model=model_name)
+    options = dict(options or {}, model=_recorded_name(model_name))
     if streaming and rotate == "none" and dtype == "auto":
         return _stream_to_folder(model_name, tokenizer, config, calibration, output, batch_size, device, options)
     start = time.perf_counter()
@@ -168,20 +170,26 @@ def quantize_to_folder(
     return result
 
 
+def _recorded_name(model_name: str) -> str:
+    """A local model by its absolute path (a recipe replayed from another folder finds it), a hub id as is."""
+    return str(Path(model_name).expanduser().resolve()) if is_local_model(model_name) else model_name
+
+
 def _stream_to_folder(
     model_name: str, tokenizer: Any, config: Any, calibration: CalibrationSet, output: str | Path, batch_size: int,
     device: str, options: dict[str, Any],
 ) -> QuantizationResult:
     """The block-by-block path of :func:`quantize_to_folder`; the folder is published only when complete."""
     from tico.experimental.quantization.export.publish import check_output
-    from tico.experimental.quantization.run.loading import InputError
+    from tico.experimental.quantization.run.loading import InputError, hub_quiet
     from tico.experimental.quantization.pipeline import quantize_checkpoint
     from tico.experimental.quantization.pipeline.source import resolve_checkpoint
     from tico.experimental.quantization.quantizer import QuantizationError
 
     start = time.perf_counter()
     try:
-        folder = resolve_checkpoint(model_name)
+        with hub_quiet(model_name):
+            folder = resolve_checkpoint(model_name)
     except OSError as exc:
         raise InputError(str(exc)) from None
     check_output(output)
