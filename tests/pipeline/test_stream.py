@@ -66,9 +66,11 @@ def _post_ln_opt():
     return spec.model_cls._from_config(config, dtype=torch.float32).eval()
 
 
-# llama: GQA (4 heads, 2 KV heads); gpt2: tied embeddings + Conv1D; gemma3: per-layer masks and rotary tables;
-# qwen3_moe: fused 3-D experts (checkpoint holds per-expert tensors); opt post-LN; bloom: tuple-returning blocks.
-IDENTITY = ["llama", "gpt2", "gemma3", "qwen3_moe", "bloom", "opt_post_ln"]
+# llama: GQA (4 heads, 2 KV heads); gemma3: per-layer masks and rotary tables; qwen3_moe: fused 3-D experts
+# (checkpoint holds per-expert tensors); opt post-LN; bloom: tuple-returning blocks. gpt2 (tied embeddings +
+# Conv1D): its compressed-tensors checkpoint is refused (tests/pipeline/test_preflight.py), so it is compared
+# unwritten there, and written as a smoothed float checkpoint below.
+IDENTITY = ["llama", "gemma3", "qwen3_moe", "bloom", "opt_post_ln"]
 
 
 @pytest.mark.parametrize("key", IDENTITY)
@@ -210,7 +212,7 @@ def _live_tensor_bytes() -> int:
 def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
     """Live tensor bytes while each block is converted (block loaded, statistics held) and after it is written:
     the same for 2 or 8 layers, although the weights grow 4x. Counted bytes, not timings or RSS."""
-    import tico.experimental.quantization.pipeline.stream as stream
+    import tico.experimental.quantization.pipeline.block_pass as stream
 
     spec = ARCHITECTURES["llama"]
     samples: list[int] = []
@@ -255,7 +257,7 @@ def test_freed_memory_goes_back_to_the_os_after_every_block(tmp_path, monkeypatc
 def test_each_block_is_probed_on_the_probe_tokens_not_a_calibration_batch(as_dicts, tmp_path, monkeypatch):
     """prepare's traced forward costs a tenth of a block's calibration when it runs a whole batch: token-id
     batches give each block the 8 probe tokens' own input and call; dict batches keep the first batch."""
-    import tico.experimental.quantization.pipeline.stream as stream
+    import tico.experimental.quantization.pipeline.block_pass as stream
     from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS
 
     probed = []
