@@ -257,7 +257,7 @@ def test_pickle_only_model_is_refused_with_the_reason_and_the_fix(text_file, tmp
 def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(streaming, tiny_model_dir, text_file, tmp_path, capsys,
                                                                monkeypatch):
     from tico.experimental.quantization.run import calibration
-    from tico.experimental.quantization.pipeline import stream
+    from tico.experimental.quantization.pipeline import block_pass as stream  # where each block is converted
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
