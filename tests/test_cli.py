@@ -323,9 +323,10 @@ def test_quantize_defaults_are_the_best_exportable_recipe(tiny_model_dir, text_f
     assert config["type"] == "W8A8Config" and config["activations"] == "static" and config["act_range"] == "mse"
     assert config["smoothing"]["alpha"] == "auto" and config["smoothing"]["linear_producers"] is True
     printed = capsys.readouterr()
-    # streamed by default: a bar over the blocks (time per block) on stderr; the outcome on stdout: alphas,
-    # ranges, what stayed float; no "nothing to do" warnings for the part outside the blocks
-    assert "quantizing blocks" in printed.err and "s/block" in printed.err
+    # streamed by default: a bar over the blocks (reported through progress.py, drawn by the CLI's display, with
+    # its rate) on stderr; the outcome on stdout: alphas, ranges, what stayed float; no "nothing to do" warnings
+    # for the part outside the blocks
+    assert "quantizing blocks" in printed.err and "2/2" in printed.err
     assert "WARNING" not in printed.err
     assert "alphas: min" in printed.out and "static activation ranges" in printed.out and "float lm_head" in printed.out
     assert json.loads((out / "tico_recipe.json").read_text())["options"]["streamed"] is True
