@@ -263,7 +263,7 @@ def test_pickle_only_model_is_refused_with_the_reason_and_the_fix(text_file, tmp
 def test_ctrl_c_during_calibration_exits_130_and_leaves_nothing(streaming, tiny_model_dir, text_file, tmp_path, capsys,
                                                                monkeypatch):
     from tico.experimental.quantization.run import calibration
-    from tico.experimental.quantization.pipeline import stream
+    from tico.experimental.quantization.pipeline import block_pass as stream  # where each block is converted
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -329,9 +329,10 @@ def test_quantize_defaults_are_an_exportable_recipe(tiny_model_dir, text_file, t
     assert config["type"] == "W8A8Config" and config["activations"] == "static" and config["act_range"] == "mse"
     assert config["smoothing"]["alpha"] == "auto" and config["smoothing"]["linear_producers"] is True
     printed = capsys.readouterr()
-    # streamed by default: progress over the blocks on stderr; the outcome on stdout: alphas, ranges, what
-    # stayed float; no "nothing to do" warnings for the part outside the blocks
-    assert "quantizing blocks" in printed.err
+    # streamed by default: a bar over the blocks (reported through progress.py, drawn by the CLI's display, with
+    # its rate) on stderr; the outcome on stdout: alphas, ranges, what stayed float; no "nothing to do" warnings
+    # for the part outside the blocks
+    assert "quantizing blocks" in printed.err and ("2/2" in printed.err or "2 of 2" in printed.err)
     assert "WARNING" not in printed.err
     assert "alphas: min" in printed.out and "static activation ranges" in printed.out and "float lm_head" in printed.out
     assert json.loads((out / "tico_recipe.json").read_text())["options"]["streamed"] is True

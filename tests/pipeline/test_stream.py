@@ -66,9 +66,10 @@ def _post_ln_opt():
     return spec.model_cls._from_config(config, dtype=torch.float32).eval()
 
 
-# llama: GQA (4 heads, 2 KV heads); gpt2: tied embeddings + Conv1D; gemma3: per-layer masks and rotary tables;
-# qwen3_moe: fused 3-D experts (checkpoint holds per-expert tensors); opt post-LN; bloom: tuple-returning blocks.
-IDENTITY = ["llama", "gpt2", "gemma3", "qwen3_moe", "bloom", "opt_post_ln"]
+# llama: GQA (4 heads, 2 KV heads); gemma3: per-layer masks and rotary tables; qwen3_moe: fused 3-D experts
+# (checkpoint holds per-expert tensors); opt post-LN; bloom: tuple-returning blocks; gpt2: tied embeddings +
+# Conv1D (int8 weights written in its [in, out] layout).
+IDENTITY = ["llama", "gemma3", "qwen3_moe", "bloom", "opt_post_ln", "gpt2"]
 
 
 @pytest.mark.parametrize("key", IDENTITY)
@@ -211,7 +212,7 @@ def _live_tensor_bytes() -> int:
 def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, monkeypatch):
     """Live tensor bytes while each block is converted (block loaded, statistics held) and after it is written:
     the same for 2 or 8 layers, although the weights grow 4x. Counted bytes, not timings or RSS."""
-    import tico.experimental.quantization.pipeline.stream as stream
+    import tico.experimental.quantization.pipeline.block_pass as stream
 
     spec = ARCHITECTURES["llama"]
     samples: list[int] = []
@@ -256,8 +257,8 @@ def test_freed_memory_goes_back_to_the_os_after_every_block(tmp_path, monkeypatc
 def test_each_block_is_probed_on_the_probe_tokens_not_a_calibration_batch(as_dicts, tmp_path, monkeypatch):
     """prepare's traced forward costs a tenth of a block's calibration when it runs a whole batch: token-id
     batches give each block the 8 probe tokens' own input and call; dict batches keep the first batch."""
-    import tico.experimental.quantization.pipeline.stream as stream
-    from tico.experimental.quantization.algorithm.smoothquant.quantizer import PROBE_TOKENS
+    import tico.experimental.quantization.pipeline.block_pass as stream
+    from tico.experimental.quantization.structure.probe import PROBE_TOKENS
 
     probed = []
     real_prepare = stream.prepare
@@ -400,9 +401,9 @@ def test_a_pad_token_id_past_the_rows_held_does_not_break_the_embedding(key, tmp
 def test_a_failed_probe_of_the_pipelines_own_inputs_is_reported_as_internal(tmp_path, monkeypatch):
     """The rest of the model is probed on inputs the pipeline built (token 0, stand-ins): a failure there must
     name the unit and not ask the caller for other inputs."""
-    import tico.experimental.quantization.pipeline.stream as stream
+    import tico.experimental.quantization.pipeline.rest_pass as rest_pass
 
-    real_prepare = stream.prepare
+    real_prepare = rest_pass.prepare
 
     def boom(module, args):
         raise ValueError("boom")
@@ -412,11 +413,12 @@ def test_a_failed_probe_of_the_pipelines_own_inputs_is_reported_as_internal(tmp_
             unit.get_output_embeddings().register_forward_pre_hook(boom)
         return real_prepare(unit, config, args=args, kwargs=kwargs)
 
-    monkeypatch.setattr(stream, "prepare", prepare)
+    monkeypatch.setattr(rest_pass, "prepare", prepare)
     src = _save(build_model("llama"), tmp_path / "src")
     with pytest.raises(RuntimeError) as info:
         quantize_checkpoint(src, W8A8Config(smoothing=SmoothQuantConfig(alpha=0.5)), _batches("llama"), tmp_path / "o")
     message = str(info.value)
-    assert "LlamaForCausalLM outside model.layers" in message and "ValueError: boom" in message
-    assert "internal error" in message and "pass inputs" not in message
+    # caught by the preflight on the skeleton, before any block: it names the stage and the cause
+    assert "outside model.layers" in message and "LlamaForCausalLM" in message and "boom" in message
+    assert "not a problem with the calibration data" in message and "pass inputs" not in message
     assert not (tmp_path / "o").exists()

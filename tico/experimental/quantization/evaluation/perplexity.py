@@ -139,6 +139,51 @@ def _batches(plan: list[tuple[int, int, int]], batch_size: int) -> list[list[tup
     return batches
 
 
+def _check_sizes(model: torch.nn.Module, seq_len: int, stride: int | None, max_windows: int | None,
+                 batch_size: int) -> None:
+    """The window sizes are valid and fit the model's positions (ValueError naming the value otherwise)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (one context token and one scored token), got {seq_len}")
+    if stride is not None and not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be None (disjoint windows) or in [1, seq_len={seq_len}], got {stride}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_pos = _max_positions(model)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the model's {max_pos} positions (config.max_position_embeddings); "
+            f"pass seq_len <= {max_pos}"
+        )
+
+
+def _score(model: torch.nn.Module, ids: torch.Tensor, batches: list, device: torch.device,
+           progress: bool) -> tuple[float, int]:
+    """Summed NLL (fp64) and the number of scored tokens over ``batches`` of planned windows, in eval mode
+    without gradients; the model's train/eval mode is restored."""
+    nll_sum, num_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in track(batches, "perplexity") if progress else batches:
+                begin0, end0, from0 = batch[0]
+                offset = from0 - begin0  # first scored position inside each window of this batch
+                x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
+                logits = model_logits(model, x)
+                # Position t predicts token t+1: keep only the positions whose next token is scored, then
+                # upcast, so a fp16/bf16 model's loss is still computed in fp32.
+                logits = logits[:, offset - 1 : end0 - begin0 - 1].float()
+                target = x[:, offset:].to(logits.device)
+                nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+                nll_sum += float(nll.sum(dtype=torch.float64))
+                num_tokens += target.numel()
+    finally:
+        model.train(was_training)
+    return nll_sum, num_tokens
+
+
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -175,21 +220,7 @@ def perplexity(
     Raises :class:`ValueError` for a text too short for one window, for invalid sizes, and for token ids
     outside the model's vocabulary (usually a tokenizer that does not belong to the model).
     """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (one context token and one scored token), got {seq_len}")
-    if stride is not None and not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be None (disjoint windows) or in [1, seq_len={seq_len}], got {stride}")
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_pos = _max_positions(model)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(
-            f"seq_len={seq_len} exceeds the model's {max_pos} positions (config.max_position_embeddings); "
-            f"pass seq_len <= {max_pos}"
-        )
-
+    _check_sizes(model, seq_len, stride, max_windows, batch_size)
     if isinstance(text, torch.Tensor):
         ids = _as_stream(text)
     elif tokenizer is None:
@@ -214,27 +245,7 @@ def perplexity(
         plan = plan[:max_windows]
     device = _model_device(model) if device is None else torch.device(device)
 
-    nll_sum, num_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        batches = _batches(plan, batch_size)
-        with torch.no_grad():
-            for batch in track(batches, "perplexity") if progress else batches:
-                begin0, end0, from0 = batch[0]
-                offset = from0 - begin0  # first scored position inside each window of this batch
-                x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
-                logits = model_logits(model, x)
-                # Position t predicts token t+1: keep only the positions whose next token is scored, then
-                # upcast, so a fp16/bf16 model's loss is still computed in fp32.
-                logits = logits[:, offset - 1 : end0 - begin0 - 1].float()
-                target = x[:, offset:].to(logits.device)
-                nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
-                nll_sum += float(nll.sum(dtype=torch.float64))
-                num_tokens += target.numel()
-    finally:
-        model.train(was_training)
-
+    nll_sum, num_tokens = _score(model, ids, _batches(plan, batch_size), device, progress)
     mean = nll_sum / num_tokens
     ppl = math.exp(mean) if mean < 700 else math.inf
     if not math.isfinite(mean):

@@ -101,23 +101,24 @@ class Checkpoint:
         return [k for k in self.files if k.startswith(prefix + ".") or (short is not None and k.startswith(short + "."))]
 
     # -- loading and releasing -----------------------------------------------------------------------------
-    def load(self, names: list[str], expected: list[str]) -> None:
-        """Load checkpoint tensors ``names`` into the skeleton (on the CPU); every state-dict entry in
-        ``expected`` must then be real, else an error names what the checkpoint lacks."""
+    def load(self, names: list[str], expected: list[str], into: nn.Module | None = None) -> None:
+        """Load checkpoint tensors ``names`` into the skeleton (on the CPU), or into ``into`` (a copy of it);
+        every state-dict entry in ``expected`` must then be real, else an error names what the checkpoint lacks."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
+        model = self.model if into is None else into
         tensors = dict(read_tensors(self.files, names))
         with quiet_transformers():
             convert_and_load_state_dict_in_model(
-                self.model, tensors,
-                LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype),
+                model, tensors,
+                LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=self.dtype),
             )
         del tensors
         if getattr(self.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
-        state = self.model.state_dict(keep_vars=True)
+            model.tie_weights()
+        state = model.state_dict(keep_vars=True)
         missing = [n for n in expected if state[n].is_meta]
         if missing:
             raise ValueError(f"{self.folder}: the checkpoint has no tensor for {missing[:5]} ({len(missing)} missing)")

@@ -22,9 +22,6 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
-from tico.experimental.quantization.config.base import BaseConfig
-from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.export.shards import StoredTensor
 from tico.experimental.quantization.pipeline.source import Checkpoint
 from tico.experimental.quantization.structure.names import within
@@ -162,19 +159,13 @@ class Passthrough:
             yield chunk.to(self.dtype)
 
 
-def passthrough_matrices(ckpt: Checkpoint, model: nn.Module, config: BaseConfig, blocks_path: str) -> list[Passthrough]:
-    """The input/output embedding weights that the rest of the model's ``prepare``/``convert`` cannot change:
-    neither quantized (``quantize_embeddings``/``quantize_lm_head`` off), and no Linear-like layer outside the
-    blocks but the LM head (so no smoothing group or observer involves them: a group feeding the LM head is
-    always skipped). Empty when that does not hold, or the tensors are not stored as is in the checkpoint."""
-    if isinstance(config, W8A8Config) and (config.quantize_embeddings or config.quantize_lm_head):
+def passthrough_matrices(ckpt: Checkpoint, model: nn.Module, leaves_vocabulary: bool, blocks_path: str) -> list[Passthrough]:
+    """The input/output embedding weights that the rest of the model's ``prepare``/``convert`` cannot change
+    (``leaves_vocabulary``: the algorithm's answer, see ``UnitScope.leaves_vocabulary``). Empty when it may change
+    them, or the tensors are not stored as is in the checkpoint."""
+    if not leaves_vocabulary:
         return []
     embedding, head = _embeddings(model)
-    others = [n for n, m in model.named_modules()
-              if not within(n, blocks_path) and m is not head
-              and (isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) or linear_output_axis(m) is not None)]
-    if others:
-        return []
     found: list[Passthrough] = []
     seen: set[int] = set()
     for module in (embedding, head):

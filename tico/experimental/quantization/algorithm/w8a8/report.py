@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -34,15 +35,20 @@ class W8A8Report:
 
     @classmethod
     def merged(cls, reports: Iterable["W8A8Report"]) -> "W8A8Report":
-        """One report for a model quantized in parts (the streamed pipeline's units), in the parts' order."""
+        """One report for a model quantized in parts (the streamed pipeline's units), in the parts' order: each
+        field is merged by its kind (lists joined, dicts updated, seconds added), so a new field merges too."""
         out = cls()
         for r in reports:
-            out.quantized += r.quantized
-            for mine, theirs in ((out.kept_float, r.kept_float), (out.alphas, r.alphas), (out.act_ranges, r.act_ranges),
-                                 (out.act_modes, r.act_modes), (out.block_choices, r.block_choices),
-                                 (out.block_errors, r.block_errors), (out.notes, r.notes)):
-                mine.update(theirs)
-            out.block_objective_s += r.block_objective_s
+            for f in dataclasses.fields(out):
+                mine, theirs = getattr(out, f.name), getattr(r, f.name)
+                if isinstance(mine, list):
+                    mine.extend(theirs)
+                elif isinstance(mine, dict):
+                    mine.update(theirs)
+                elif isinstance(mine, (int, float)):
+                    setattr(out, f.name, mine + theirs)
+                else:
+                    raise TypeError(f"{cls.__name__}.{f.name}: no rule to merge a {type(mine).__name__}")
         return out
 
 
