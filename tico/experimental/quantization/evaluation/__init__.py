@@ -23,15 +23,10 @@ from tico.experimental.quantization.evaluation.data import (
 from tico.experimental.quantization.evaluation.fidelity import FidelityResult, logit_fidelity
 from tico.experimental.quantization.evaluation.perplexity import PerplexityResult, model_logits, perplexity
 
+from tico.experimental.quantization.evaluation import data as _data
+
 __all__ = [
-    "read_text",
-    "tokenize_text",
-    "cut_windows",
-    "token_windows",
-    "calibration_windows",
-    "bos_token_id",
-    "leading_bos",
-    "text_tokens_per_window",
+    *_data.__all__,
     "PerplexityResult",
     "perplexity",
     "model_logits",
