@@ -693,3 +693,14 @@ def test_progress_in_a_log_file_is_plain_lines(mode, stories_dir, tinystories_te
     assert result.returncode == 0, text
     assert "\r" not in text and "\x1b[" not in text, text[:2000]
     assert 4 <= len(text.splitlines()) <= 30, text
+
+
+def test_ignore_pattern_streamed_keeps_every_matching_layer_in_float(stories_dir, text_file, tmp_path):
+    """A ``re:`` pattern passes the checkpoint-name check and is scoped to every block it matches."""
+    import json
+
+    out = tmp_path / "out"
+    assert _quantize(stories_dir, text_file, out, "--samples", "2", "--seq-len", "32",
+                     "--ignore", "re:.*\\.mlp\\.down_proj") == 0
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {f"model.layers.{i}.mlp.down_proj" for i in range(5)} <= set(ignored)

@@ -251,3 +251,15 @@ def test_quantize_attention_that_never_sees_its_inputs_is_refused_at_convert():
         model(x)
     with pytest.raises(ValueError, match="attention inputs never observed"):
         convert(model)
+
+def test_ignore_takes_the_one_name_syntax_patterns_included():
+    """``ignore`` keys are names or ``re:`` patterns (structure/names.py), covering what lies inside them."""
+    model = build_model("llama")
+    ids = input_ids("llama", batch=2, seq=8)
+    q, quantizer = _quantize(model, W8A8Config(ignore=("re:.*\\.mlp\\.down_proj",)), ids)
+    down = [n for n, _ in q.named_modules() if n.endswith("mlp.down_proj")]
+    assert down and all(not isinstance(q.get_submodule(n), W8A8Linear) for n in down)
+    assert isinstance(q.get_submodule("model.layers.0.mlp.up_proj"), W8A8Linear)
+    assert all(quantizer.report.kept_float[n] == "in W8A8Config.ignore" for n in down)
+    with pytest.raises(ValueError, match="re:.*nope"):
+        prepare(build_model("llama"), W8A8Config(ignore=("re:.*nope",)))

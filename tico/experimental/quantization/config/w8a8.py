@@ -137,7 +137,8 @@ class W8A8Config(BaseConfig):
             quantized as a layer with ``quantize_lm_head``) as the same int8 rows with float activations: about a
             quarter of the embedding's memory. Needs an ``nn.Embedding`` input embedding (checked by ``prepare``).
             Not exportable (an in-memory choice).
-        ignore: module names (or name prefixes) kept in float. The model's output embedding (LM head) is always
+        ignore: modules kept in float, with everything inside them: exact module names or ``re:`` patterns
+            (the one name syntax of :mod:`tico.experimental.quantization.structure.names`). The model's output embedding (LM head) is always
             kept in float unless ``quantize_lm_head`` is set.
         quantize_lm_head: quantize the output embedding too.
         tuning: search budgets, the backend and research options (:class:`W8A8Tuning`).

@@ -104,7 +104,7 @@ def check_exportable(model: nn.Module) -> None:
     if inner:
         raise ValueError(
             f"{where}: compressed-tensors has no place for smoothing inside the activation quantizer ({inner[:3]}...); "
-            "quantize with smooth_in_quantizer=False to export"
+            "quantize with W8A8Tuning(smooth_in_quantizer=False) to export"
         )
 
 

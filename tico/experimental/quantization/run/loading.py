@@ -225,13 +225,16 @@ def unknown_modules(names: list[str], weight_names: list[str]) -> list[str]:
 
     A module holds a weight when it is a dotted prefix of the weight's name. A checkpoint saved from the bare
     model has no wrapper prefix (``layers.0...`` for ``model.layers.0...``), so a name also counts when it
-    matches after dropping its first part.
+    matches after dropping its first part. A ``re:`` pattern must match one such module name.
     """
+    from tico.experimental.quantization.structure.names import is_pattern, matches
+
     prefixes: set[str] = set()
     for weight in weight_names:
         parts = weight.split(".")
         prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return [n for n in names if n not in prefixes and n.partition(".")[2] not in prefixes]
+    return [n for n in names if not (any(matches(n, p) for p in prefixes) if is_pattern(n)
+                                     else n in prefixes or n.partition(".")[2] in prefixes)]
 
 
 def max_positions(config: dict[str, Any]) -> int | None:

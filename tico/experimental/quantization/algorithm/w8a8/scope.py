@@ -26,6 +26,7 @@ from tico.experimental.quantization.algorithm.w8a8.targets import as_linear
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.registry import register_scope
+from tico.experimental.quantization.structure import names
 from tico.experimental.quantization.structure.names import within
 from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
 
@@ -54,7 +55,7 @@ class W8A8Scope:
 
     def check_names(self, model: nn.Module) -> None:
         modules = {n for n, _ in model.named_modules()}
-        unknown = [n for n in self.config.ignore if n not in modules]
+        unknown = names.unmatched(self.config.ignore, modules)
         if unknown:
             raise ValueError(f"W8A8Config.ignore names that are not modules of {type(model).__name__}: {unknown}")
         if self.smoothing is not None:
@@ -68,11 +69,8 @@ class W8A8Scope:
     def for_unit(self, unit: nn.Module, block_path: str | None, blocks_path: str) -> W8A8Config:
         """The config with the names that concern ``unit`` (a block, or the rest with ``block_path=None``)."""
         modules = {n for n, _ in unit.named_modules()}
-        if block_path is not None:
-            ignore = tuple(n for n in self.config.ignore if n in modules
-                           and (within(n, block_path) or block_path.startswith(n + ".")))
-        else:
-            ignore = tuple(n for n in self.config.ignore if n in modules and not within(n, blocks_path))
+        mine = [m for m in modules if (within(m, block_path) if block_path is not None else not within(m, blocks_path))]
+        ignore = tuple(k for k in self.config.ignore if any(names.matches(k, m, inside=True) for m in mine))
         smoothing = None if self.smoothing is None else self.smoothing.for_unit(unit, block_path, blocks_path)
         targets = self._targets(unit, ignore)
         rotate = tuple(p for p in self.config.tuning.rotate_in_quantizer if any(matches(t, (p,)) for t in targets))
@@ -86,7 +84,8 @@ class W8A8Scope:
         """Linear-like layers of ``unit`` that W8A8 quantizes: not ignored, not a float LM head."""
         head = None if self.config.quantize_lm_head else output_embedding(unit)
         return [n for n, m in unit.named_modules()
-                if isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) and m is not head and not any(within(n, p) for p in ignore)]
+                if isinstance(m, tuple(LINEAR_OUTPUT_AXIS)) and m is not head
+                and not any(names.matches(p, n, inside=True) for p in ignore)]
 
     def leaves_vocabulary(self, model: nn.Module, blocks_path: str) -> bool:
         """Neither matrix quantized (``quantize_embeddings``/``quantize_lm_head`` off), nor smoothed into."""

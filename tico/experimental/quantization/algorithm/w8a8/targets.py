@@ -7,6 +7,7 @@ from torch import nn
 
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.config.w8a8 import W8A8Config
+from tico.experimental.quantization.structure.names import matches, unmatched
 from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS
 
 LINEAR_TYPES = tuple(LINEAR_OUTPUT_AXIS)  # nn.Linear and GPT-2's Conv1D, as for smoothing producers
@@ -14,12 +15,13 @@ LINEAR_TYPES = tuple(LINEAR_OUTPUT_AXIS)  # nn.Linear and GPT-2's Conv1D, as for
 
 def select_targets(model: nn.Module, config: W8A8Config) -> tuple[list[str], dict[str, str]]:
     """The Linear-like layers to quantize, and those kept in float with the reason (``ignore``, the LM head,
-    fused expert tensors). Raises if an ``ignore`` name is not a module of ``model``."""
+    fused expert tensors). ``ignore`` keys are names or ``re:`` patterns (:mod:`...structure.names`), each
+    covering what is inside what it matches; raises if a key matches no module of ``model``."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     targets, kept = [], {}
     for name, module in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in config.ignore):
+        if any(matches(p, name, inside=True) for p in config.ignore):
             if isinstance(module, LINEAR_TYPES):
                 kept[name] = "in W8A8Config.ignore"
             continue
@@ -30,7 +32,7 @@ def select_targets(model: nn.Module, config: W8A8Config) -> tuple[list[str], dic
                 targets.append(name)
         elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
             kept[name] = "fused expert tensors are not quantized yet (only Linear-like layers are)"
-    unknown = [p for p in config.ignore if p not in dict(model.named_modules())]
+    unknown = unmatched(config.ignore, (n for n, _ in model.named_modules()))
     if unknown:
         raise ValueError(f"W8A8Config.ignore names that are not modules of {type(model).__name__}: {unknown}")
     return targets, kept
