@@ -81,6 +81,19 @@ def _failing_convert(rank: int) -> dict[str, str]:
     return outcome
 
 
+def _helpers(rank: int) -> dict[str, list]:
+    """The collectives of ``distributed`` on 2 ranks: rank r holds r + 1 rows of value r."""
+    from tico.experimental.quantization import distributed
+
+    rows = torch.full((rank + 1, 2), float(rank))
+    return {
+        "rows": distributed.gather_rows_in_rank_order(rows).tolist(),
+        "max": distributed.all_reduce_max(torch.tensor([float(rank), -float(rank)])).tolist(),
+        "sum": distributed.all_reduce_sum(torch.tensor([rank + 1])).tolist(),
+        "broadcast": [distributed.broadcast_object({"from": rank}, src=1)["from"]],
+    }
+
+
 def main(out: Path) -> None:
     import torch.distributed as dist
 
@@ -88,6 +101,7 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
+        (out / f"helpers.rank{rank}.json").write_text(json.dumps(_helpers(rank)))
         for model_key, scheme in CASES:
             torch.save(convert_case(model_key, scheme, rank, world), out / f"{model_key}-{scheme}.rank{rank}.pt")
         (out / f"failure.rank{rank}.json").write_text(json.dumps(_failing_convert(rank)))

@@ -78,6 +78,12 @@ def test_a_rank_that_fails_stops_every_rank_with_an_error_and_the_models_unchang
     assert failed["unchanged"] == other["unchanged"] == "True"
 
 
+def test_collectives_on_two_ranks(two_ranks):
+    for rank in range(2):
+        got = json.loads((two_ranks / f"helpers.rank{rank}.json").read_text())
+        assert got == {"rows": [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]], "max": [1.0, 0.0], "sum": [3], "broadcast": [1]}
+
+
 def test_without_a_process_group_the_helpers_are_the_identity():
     x = torch.arange(6.0).reshape(3, 2)
     assert not distributed.active() and distributed.world_size() == 1 and distributed.rank() == 0
