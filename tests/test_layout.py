@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tico" / "experimental" / "quant
 PREFIX = "tico.experimental.quantization"
 # Lower layers never import higher ones. Equal ranks may import each other (a cycle is still refused below).
 LAYERS = {
-    "nn": 0, "config": 0, "progress": 0,
+    "nn": 0, "config": 0, "progress": 0, "distributed": 0,
     "structure": 1, "quantizer": 1, "registry": 1,
     "public_interface": 2, "__init__": 2,
     "algorithm": 3, "export": 3,

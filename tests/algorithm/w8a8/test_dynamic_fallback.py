@@ -242,3 +242,40 @@ def test_weight_dependent_ranges_of_one_tensor_are_made_one():
         assert len(qkv) == 1 and len(gate_up) == 1, (qkv, gate_up)
         scales = {float(model.get_submodule(f"model.layers.{layer}.self_attn.{p}_proj").act_scale) for p in "qkv"}
         assert len(scales) == 1
+
+
+def test_the_merged_largest_rows_do_not_depend_on_how_batches_were_split():
+    """Over ranks, the ``keep`` largest rows (ties of abs-max broken by the sampling key) and the positions'
+    maxima are those one process keeps; here with many exact ties (rows repeated with the same abs-max)."""
+    from tico.experimental.quantization.algorithm.w8a8.dynamic_fallback import MassiveRowObserver
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 6 + i, 8, generator=gen).round() for i in range(6)]  # rounded: many equal maxima
+
+    def merged(parts):
+        ranks = [MassiveRowObserver(8, 10, keep=5) for _ in parts]
+        for obs, part in zip(ranks, parts):
+            for b in part:
+                obs.observe(b)
+        summaries, memo = [o.summary() for o in ranks], {}
+        contributions = [o.contribution(summaries, r, memo) for r, o in enumerate(ranks)]
+        ranks[0].merge(summaries, contributions, {})
+        return ranks[0]
+
+    one = merged([batches])
+    for parts in ([batches[::2], batches[1::2]], [batches[4:], batches[:4][::-1]]):
+        got = merged(parts)
+        for name in ("massive_rows", "massive_positions", "position_max", "rows_sample", "absmax"):
+            assert torch.equal(getattr(got, name), getattr(one, name)), name
+
+
+def test_attention_maxima_merge_to_the_maximum_over_ranks():
+    from tico.experimental.quantization.algorithm.w8a8.attention import AttentionQuantState
+
+    a, b = AttentionQuantState(), AttentionQuantState()
+    a("query", torch.tensor([1.0, -3.0]))
+    b("query", torch.tensor([2.0]))
+    b("key", torch.tensor([-5.0]))
+    summaries = [a.summary(), b.summary()]
+    a.merge(summaries, [None, None], {})
+    assert a.absmax == {"query": 3.0, "key": 5.0}

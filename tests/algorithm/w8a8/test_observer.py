@@ -1,10 +1,12 @@
-"""The sampled observer: a uniform reservoir independent of batching, shared by readers of one tensor."""
+"""The sampled observer: a uniform reservoir independent of the batches' order, shared by readers of one tensor,
+and merged over ranks exactly as one process would have sampled."""
 
 from __future__ import annotations
 
 import torch
 
-from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+from tico.experimental.quantization.algorithm.smoothquant.scales import channel_absmax_of
+from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver, row_keys
 
 
 def _batches(seed: int = 0, n: int = 6, rows: int = 40, channels: int = 8) -> list[torch.Tensor]:
@@ -13,10 +15,11 @@ def _batches(seed: int = 0, n: int = 6, rows: int = 40, channels: int = 8) -> li
 
 
 def _reference_sample(batches: list[torch.Tensor], max_rows: int, seed: int = 0) -> torch.Tensor:
-    """The rows with the ``max_rows`` largest keys over everything seen (keys drawn as the observer draws them)."""
-    gen = torch.Generator().manual_seed(seed)
+    """The rows with the ``max_rows`` largest keys over everything seen (keys drawn as the observer draws them:
+    per batch, from the batch's abs-max)."""
     rows = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches])
-    keys = torch.cat([torch.rand(b.numel() // b.shape[-1], generator=gen) for b in batches])
+    flats = [b.reshape(-1, b.shape[-1]) for b in batches]
+    keys = torch.cat([row_keys(channel_absmax_of(f), f.shape[0], seed) for f in flats])
     return rows[torch.topk(keys, max_rows).indices]
 
 
@@ -90,3 +93,44 @@ def test_smoothing_and_w8a8_observers_of_one_tensor_share_the_abs_max_but_not_it
     expected = torch.cat(batches).abs().amax(dim=(0, 1))
     assert torch.equal(sq.absmax, expected) and torch.equal(w8.absmax, expected)
     assert sq.absmax.data_ptr() != w8.absmax.data_ptr() and sq.rows == w8.rows == 240
+
+
+def _merged(parts: list[list[torch.Tensor]], max_rows: int) -> SampledChannelObserver:
+    """What convert installs when ranks calibrated ``parts`` (rank r saw ``parts[r]``), without processes: the
+    reduction's two exchanges done by hand."""
+    ranks = [SampledChannelObserver(8, max_rows) for _ in parts]
+    for obs, batches in zip(ranks, parts):
+        for b in batches:
+            obs.observe(b)
+    summaries, memo = [o.summary() for o in ranks], {}
+    contributions = [o.contribution(summaries, r, memo) for r, o in enumerate(ranks)]
+    ranks[0].merge(summaries, contributions, {})
+    return ranks[0]
+
+
+def test_the_merged_sample_does_not_depend_on_how_batches_were_split_or_ordered():
+    batches = _batches(6, n=8)
+    one = _merged([batches], 50)
+    assert _as_set(one.rows_sample) == _as_set(_reference_sample(batches, 50))
+    for parts in ([batches[::2], batches[1::2]], [batches[5:], batches[:5][::-1]], [[], batches[3:], batches[:3]]):
+        merged = _merged(parts, 50)
+        assert torch.equal(merged.rows_sample, one.rows_sample) and torch.equal(merged._keys, one._keys)
+        assert torch.equal(merged.absmax, one.absmax) and (merged.rows, merged.calls) == (one.rows, one.calls)
+
+
+def test_calibrating_after_a_merge_goes_back_to_this_ranks_own_statistics(monkeypatch):
+    from tico.experimental.quantization import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)  # as under a process group (no collective is run here)
+    batches = _batches(7, n=4)
+    obs = SampledChannelObserver(8, 30)
+    for b in batches[:2]:
+        obs.observe(b)
+    other = SampledChannelObserver(8, 30)
+    other.observe(batches[3])
+    summaries = [obs.summary(), other.summary()]
+    memo: dict = {}
+    obs.merge(summaries, [obs.contribution(summaries, 0, memo), other.contribution(summaries, 1, memo)], {})
+    assert obs.calls == 3
+    obs.observe(batches[2])  # this rank's own three batches, not the merged ones plus one
+    assert obs.calls == 3 and _as_set(obs.rows_sample) == _as_set(_reference_sample(batches[:3], 30))

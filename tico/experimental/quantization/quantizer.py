@@ -3,6 +3,8 @@
 Besides the abstract lifecycle, the base class owns what every algorithm would otherwise write again:
 
 - hook bookkeeping (:meth:`BaseQuantizer.attach`/:meth:`BaseQuantizer.detach` over a list of handles),
+- the reduction of the statistics over the ranks of a process group, before anything is planned
+  (:meth:`BaseQuantizer.reduce_statistics`, over what :meth:`BaseQuantizer.statistics` names),
 - the statistics check that runs before any plan is made (:meth:`BaseQuantizer.statistics_errors`: bad shape,
   never observed, non-finite, one message listing every module),
 - one way to fail (:meth:`BaseQuantizer.fail`), and
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.config.base import BaseConfig
 
 logger = logging.getLogger(__name__)
@@ -158,6 +161,20 @@ class BaseQuantizer(abc.ABC):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    # -- statistics over ranks ---------------------------------------------------------------------------------
+    def statistics(self, model: nn.Module) -> dict[str, distributed.Reducible]:
+        """Every statistic convert plans from, by a name that is the same on every rank. Default: none."""
+        return {}
+
+    def reduce_statistics(self, model: nn.Module) -> None:
+        """Replace each rank's statistics by those of all ranks (a user's data-parallel calibration under
+        ``torch.distributed``), before anything is planned; the first step of every ``convert``.
+
+        Without a process group the same merge runs on this process's statistics alone, so one process and N
+        ranks that split the same batches plan from the same numbers (see :mod:`..distributed`).
+        """
+        distributed.reduce_statistics(self.statistics(model))
 
     # -- checks --------------------------------------------------------------------------------------------
     @staticmethod

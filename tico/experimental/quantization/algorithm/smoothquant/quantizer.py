@@ -36,6 +36,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import (
     to_columns,
     to_producer_channels,
 )
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig
 from tico.experimental.quantization.quantizer import BaseQuantizer, Transaction
 from tico.experimental.quantization.registry import register_quantizer
@@ -160,6 +161,10 @@ class SmoothQuantQuantizer(BaseQuantizer):
     def install_hooks(self, model: nn.Module) -> list[RemovableHandle]:
         return [self.observers[g.producer].attach(model, g.observe) for g in self.plan.smoothed]  # type: ignore[arg-type]
 
+    def statistics(self, model: nn.Module) -> dict[str, distributed.Reducible]:
+        """One observer per smoothed group (reduced over ranks by :meth:`reduce_statistics`)."""
+        return {f"smoothing:{g.producer}": self.observers[g.producer] for g in self.plan.smoothed}
+
     def observed(self) -> list[tuple[str, ChannelAbsMaxObserver]]:
         """``(where, observer)`` of every smoothed group, for :meth:`BaseQuantizer.statistics_errors`."""
         return [
@@ -169,7 +174,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
 
     # -- convert -------------------------------------------------------------------------------------------
     def convert(self, model: nn.Module) -> nn.Module:
-        """:meth:`plan_scales`, :meth:`validate` (one error listing every problem), :meth:`apply`.
+        """:meth:`reduce_statistics` (over the ranks of a process group), :meth:`plan_scales`, :meth:`validate` (one
+        error listing every problem), :meth:`apply`.
 
         The folds run inside a :class:`Transaction`, so even an unexpected failure while folding (out of memory,
         an interrupt) restores every weight; the price is a transient copy of the smoothed parameters.
@@ -177,8 +183,10 @@ class SmoothQuantQuantizer(BaseQuantizer):
         if not self.plan.smoothed:
             logger.warning("SmoothQuant: nothing to smooth in %s; the model is unchanged", type(model).__name__)
             return model
-        plan = self.plan_scales(model)
-        self.fail(model, self.validate(model, plan))
+        self.reduce_statistics(model)
+        with distributed.together("SmoothQuant planning"):  # a rank that fails stops every rank here
+            plan = self.plan_scales(model)
+            self.fail(model, self.validate(model, plan))
         with Transaction() as tx:
             self.apply(model, plan, tx)
         self._log_done()

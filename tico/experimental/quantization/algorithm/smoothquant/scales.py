@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tico.experimental.quantization import distributed
+from tico.experimental.quantization.distributed import portable
 from tico.experimental.quantization.structure.producers import ParamOp, producer_fold_ops
 
 # Below this an activation or weight channel counts as all-zero: its scale is set to 1, because the
@@ -142,7 +144,16 @@ def tensor_channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 class ChannelAbsMaxObserver:
-    """Running ``max |x_j|`` over every leading index of the observed tensor, per channel ``j`` (the last axis)."""
+    """Running ``max |x_j|`` over every leading index of the observed tensor, per channel ``j`` (the last axis).
+
+    Under a process group, convert reduces the statistics over the ranks (:meth:`merge`: MAX of the maxima, SUM
+    of the counters; see :func:`~tico.experimental.quantization.distributed.reduce_statistics`). The reduced
+    values replace this rank's own until the next :meth:`observe` or :meth:`summary`, which go back to this
+    rank's own (kept aside in ``_local``), so reducing again, or calibrating more, never counts another rank's
+    data twice. In one process the merge is the process's own statistics (put in the merged order) and stays.
+    """
+
+    _LOCAL: tuple[str, ...] = ("absmax", "calls", "rows", "bad_shape")  # what merge replaces and observe restores
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
@@ -150,9 +161,11 @@ class ChannelAbsMaxObserver:
         self.calls = 0
         self.rows = 0
         self.bad_shape: tuple[int, ...] | None = None  # first shape whose last axis was not ``channels``
+        self._local: dict[str, Any] | None = None  # this rank's own statistics while the reduced ones are installed
 
     @torch.no_grad()
     def observe(self, x: Any) -> None:
+        self._restore_local()
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.channels:
             if self.bad_shape is None:
                 self.bad_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (type(x).__name__,)  # type: ignore[assignment]
@@ -166,6 +179,34 @@ class ChannelAbsMaxObserver:
             torch.maximum(self.absmax, current, out=self.absmax)
         self.calls += 1
         self.rows += x.numel() // self.channels
+
+    # -- reduction over ranks (distributed.Reducible) ----------------------------------------------------------
+    def _restore_local(self) -> None:
+        if self._local is not None:
+            for name, value in self._local.items():
+                setattr(self, name, value)
+            self._local = None
+
+    def summary(self) -> dict[str, Any]:
+        """This rank's own statistics (maxima on the CPU under a process group)."""
+        self._restore_local()
+        absmax = None if self.absmax is None else portable(self.absmax)
+        return {"absmax": absmax, "calls": self.calls, "rows": self.rows, "bad_shape": self.bad_shape}
+
+    def contribution(self, summaries: list[dict[str, Any]], me: int, memo: dict) -> Any:
+        return None
+
+    def merge(self, summaries: list[dict[str, Any]], contributions: list[Any], memo: dict) -> None:
+        """Install the statistics of every rank: the maximum of the maxima (exact), the sums of the counters, the
+        first bad shape in rank order."""
+        local = {name: getattr(self, name) for name in self._LOCAL}
+        device = self.absmax.device if self.absmax is not None else torch.device("cpu")
+        maxima = [s["absmax"] for s in summaries if s["absmax"] is not None]
+        self.absmax = torch.stack([m.to(device) for m in maxima]).amax(dim=0) if maxima else None
+        self.calls = sum(s["calls"] for s in summaries)
+        self.rows = sum(s["rows"] for s in summaries)
+        self.bad_shape = next((s["bad_shape"] for s in summaries if s["bad_shape"] is not None), None)
+        self._local = local if distributed.active() else None  # one process: the merge is its own statistics
 
     def attach(self, model: nn.Module, point: Any) -> RemovableHandle:
         """Hook this observer at ``point`` (a :class:`~.groups.ObservationPoint`) of ``model``."""

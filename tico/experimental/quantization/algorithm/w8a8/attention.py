@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.nn.qscheme import fake_quant_activation, range_to_scale
 
 ATTN_NAME = "tico_w8a8_sdpa"
@@ -29,16 +30,39 @@ ROLES = ("query", "key", "value")
 
 @dataclass
 class AttentionQuantState:
-    """Per attention module: running abs-max while calibrating, then the static int8 scales."""
+    """Per attention module: running abs-max while calibrating, then the static int8 scales.
+
+    Under a process group convert installs the maximum over the ranks (:meth:`merge`); the next calibration call
+    goes back to this rank's own maxima (``local``), as the observers do.
+    """
 
     absmax: dict[str, float] = field(default_factory=dict)
     scales: dict[str, float] | None = None
+    local: dict[str, float] | None = None  # this rank's own maxima while the reduced ones are installed
 
     def __call__(self, role: str, x: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
+            if self.local is not None:
+                self.absmax, self.local = self.local, None
             self.absmax[role] = max(self.absmax.get(role, 0.0), float(x.detach().abs().amax()))
             return x
         return fake_quant_activation(x, "per_tensor", scale=self.scales[role]).to(x.dtype)
+
+    def summary(self) -> dict[str, float]:
+        if self.local is not None:
+            self.absmax, self.local = self.local, None
+        return dict(self.absmax)
+
+    def contribution(self, summaries: list[dict[str, float]], me: int, memo: dict) -> None:
+        return None
+
+    def merge(self, summaries: list[dict[str, float]], contributions: list[None], memo: dict) -> None:
+        """Each role's maximum over the ranks that saw it (exact)."""
+        merged: dict[str, float] = {}
+        for s in summaries:
+            for role, value in s.items():
+                merged[role] = max(merged.get(role, value), value)
+        self.absmax, self.local = merged, self.absmax if distributed.active() else None
 
     def frozen_scales(self) -> dict[str, float]:
         """The static scales convert will fix (``absmax / 127`` per role); needs every role observed."""
@@ -127,3 +151,9 @@ def plan_scales(model: nn.Module, names: list[str]) -> tuple[dict[str, dict[str,
         else:
             scales[name] = state.frozen_scales()
     return scales, unseen
+
+
+def states(model: nn.Module, names: list[str]) -> dict[str, AttentionQuantState]:
+    """The calibration state of each attention module in ``names`` that has one, by module name."""
+    found = {name: getattr(model.get_submodule(name), STATE_ATTR, None) for name in names}
+    return {name: state for name, state in found.items() if state is not None}

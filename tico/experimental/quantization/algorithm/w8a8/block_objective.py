@@ -48,6 +48,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.w8a8 import attention
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.quantizer import Transaction
 from tico.experimental.quantization.structure.blocks import decoder_blocks
@@ -111,6 +112,42 @@ class BlockRecorder:
         self.calls: dict[str, list[RecordedCall]] = {b: [] for b in blocks}
         self._seen: dict[str, int] = {b: 0 for b in blocks}
         self._pending: dict[str, RecordedCall | None] = {b: None for b in blocks}
+        self._local: dict[str, list[RecordedCall]] | None = None  # this rank's own calls while merged ones are installed
+
+    # -- reduction over ranks: the first calls of rank 0, then rank 1's, ... until ``tokens`` (distributed.Reducible)
+    def summary(self) -> dict[str, list[int]]:
+        """Per block, the token count of each call this rank recorded."""
+        if self._local is not None:
+            self.calls, self._local = self._local, None
+        return {b: [c.hidden.numel() // max(c.hidden.shape[-1], 1) for c in calls] for b, calls in self.calls.items()}
+
+    def contribution(self, summaries: list[dict[str, list[int]]], me: int, memo: dict) -> dict[str, list[RecordedCall]]:
+        """This rank's calls that the merged recording keeps (on the CPU under a process group)."""
+        out = {}
+        for block, calls in self.calls.items():
+            kept = calls[: self._kept([s[block] for s in summaries])[me]]
+            out[block] = [distributed.to_device(c, torch.device("cpu"), memo) for c in kept] if distributed.active() else kept
+        return out
+
+    def merge(self, summaries: list[Any], contributions: list[dict[str, list[RecordedCall]]], memo: dict) -> None:
+        """Install the calls of rank 0, then of rank 1, ... as one process would have recorded them from the
+        batches in that order (the first calls until ``tokens`` tokens), on this rank's device."""
+        local, merged = self.calls, {}
+        for block, calls in local.items():
+            device = calls[0].hidden.device if calls else torch.device("cpu")
+            merged[block] = [distributed.to_device(c, device, memo) for part in contributions for c in part[block]]
+        self.calls, self._local = merged, local if distributed.active() else None
+
+    def _kept(self, counts: list[list[int]]) -> list[int]:
+        """Per rank, how many of its first calls a recorder that saw every rank's calls in rank order keeps."""
+        seen, kept = 0, []
+        for per_rank in counts:
+            n = 0
+            while n < len(per_rank) and seen < self.tokens:
+                seen += per_rank[n]
+                n += 1
+            kept.append(n)
+        return kept
 
     def install(self, model: nn.Module) -> list[RemovableHandle]:
         handles = []
@@ -122,6 +159,8 @@ class BlockRecorder:
 
     def _pre(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if self._local is not None:  # calibrating again after a reduction: back to this rank's own calls
+                self.calls, self._local = self._local, None
             if self._seen[name] >= self.tokens:
                 return
             kept = {k: (None if _is_state(k, v) else v) for k, v in kwargs.items()}

@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
-from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
+from tico.experimental.quantization.algorithm.smoothquant.scales import tensor_channel_absmax
+from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver, row_keys
 from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.algorithm.w8a8.search import int8_product, static_codes
+from tico.experimental.quantization.distributed import portable
 from tico.experimental.quantization.nn.qscheme import quantize_per_token, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,12 @@ class MassiveRowObserver(SampledChannelObserver):
     The position of a row is its index along the second-to-last axis (the sequence axis of ``[batch, seq,
     channels]`` inputs; ``-1`` for 2-D inputs). ``position_max[t]`` is the largest token abs-max seen at
     position ``t`` (positions past ``max_positions`` are not tracked): the diagnostic that shows which
-    positions carry massive values.
+    positions carry massive values. Rows are ranked by (abs-max, sampling key), largest first, so ties are
+    broken the same way whatever the order of the batches or the rank that saw them (see the parent class).
     """
+
+    _LOCAL = SampledChannelObserver._LOCAL + (
+        "massive_rows", "massive_positions", "_massive_absmax", "_massive_keys", "position_max")
 
     def __init__(self, channels: int, max_rows: int, keep: int = 64, max_positions: int = 8192, seed: int = 0) -> None:
         super().__init__(channels, max_rows, seed)
@@ -63,7 +69,8 @@ class MassiveRowObserver(SampledChannelObserver):
         self.max_positions = max_positions
         self.massive_rows: torch.Tensor | None = None  # [<= keep, channels], input dtype
         self.massive_positions: torch.Tensor | None = None  # [<= keep] long
-        self._massive_absmax: torch.Tensor | None = None
+        self._massive_absmax: torch.Tensor | None = None  # [<= keep] fp32, CPU
+        self._massive_keys: torch.Tensor | None = None  # [<= keep] int64, CPU
         self.position_max: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -78,25 +85,70 @@ class MassiveRowObserver(SampledChannelObserver):
         if x.dim() >= 3:
             seq = x.shape[-2]
             positions = torch.arange(seq, device=flat.device).repeat(flat.shape[0] // seq)
-            per_pos = token_max.reshape(-1, seq).amax(dim=0)[: self.max_positions].cpu()
-            if self.position_max is None or self.position_max.numel() < per_pos.numel():
-                grown = torch.zeros(per_pos.numel())
-                if self.position_max is not None:
-                    grown[: self.position_max.numel()] = self.position_max
-                self.position_max = grown
-            torch.maximum(self.position_max[: per_pos.numel()], per_pos, out=self.position_max[: per_pos.numel()])
+            self._track_positions(token_max.reshape(-1, seq).amax(dim=0)[: self.max_positions].cpu())
         else:
             positions = torch.full((flat.shape[0],), -1, dtype=torch.long, device=flat.device)
-        k = min(self.keep, flat.shape[0])
-        top, idx = torch.topk(token_max, k)
-        rows, pos = flat[idx], positions[idx]
+        token_max = token_max.cpu()
+        keys = row_keys(tensor_channel_absmax(x, self.channels), flat.shape[0], self.seed)
+        idx = top_rows(token_max, keys, self.keep)
+        rows, pos = flat[idx.to(flat.device)], positions[idx.to(flat.device)]
+        top, keys = token_max[idx], keys[idx]
         if self.massive_rows is not None:
-            top = torch.cat([self._massive_absmax, top.to(self._massive_absmax.device)])
+            top, keys = torch.cat([self._massive_absmax, top]), torch.cat([self._massive_keys, keys])
             rows = torch.cat([self.massive_rows, rows.to(self.massive_rows.device)])
             pos = torch.cat([self.massive_positions, pos.to(self.massive_positions.device)])
-            top, idx = torch.topk(top, min(self.keep, top.numel()))
-            rows, pos = rows[idx], pos[idx]
-        self._massive_absmax, self.massive_rows, self.massive_positions = top, rows.clone(), pos.clone()
+            idx = top_rows(top, keys, self.keep)
+            rows, pos, top, keys = rows[idx.to(rows.device)], pos[idx.to(pos.device)], top[idx], keys[idx]
+        self._massive_absmax, self._massive_keys = top, keys
+        self.massive_rows, self.massive_positions = rows.clone(), pos.clone()
+
+    def _track_positions(self, per_pos: torch.Tensor) -> None:
+        if self.position_max is None or self.position_max.numel() < per_pos.numel():
+            grown = torch.zeros(per_pos.numel())
+            if self.position_max is not None:
+                grown[: self.position_max.numel()] = self.position_max
+            self.position_max = grown
+        torch.maximum(self.position_max[: per_pos.numel()], per_pos, out=self.position_max[: per_pos.numel()])
+
+    # -- reduction over ranks --------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """The sampled summary plus this rank's largest rows (at most ``keep``: sent whole) and position maxima."""
+        out = super().summary()
+        if self.massive_rows is not None:
+            out["massive"] = (self._massive_absmax, self._massive_keys, portable(self.massive_rows),
+                              portable(self.massive_positions))
+        out["position_max"] = self.position_max
+        return out
+
+    def merge(self, summaries: list[dict[str, Any]], contributions: list[Any], memo: dict) -> None:
+        """Install the merged sample, the ``keep`` largest rows of all ranks and the positions' maxima."""
+        device = self.massive_rows.device if self.massive_rows is not None else None
+        super().merge(summaries, contributions, memo)
+        device = device or self._device()
+        parts = [s["massive"] for s in summaries if s.get("massive") is not None]
+        if parts:
+            top, keys, rows, pos = (torch.cat([p[i] for p in parts]) for i in range(4))
+            idx = top_rows(top, keys, self.keep)
+            self._massive_absmax, self._massive_keys = top[idx], keys[idx]
+            self.massive_rows, self.massive_positions = rows[idx].to(device), pos[idx].to(device)
+        maxima = [s["position_max"] for s in summaries if s.get("position_max") is not None]
+        if maxima:
+            merged = torch.zeros(max(m.numel() for m in maxima))
+            for m in maxima:
+                torch.maximum(merged[: m.numel()], m, out=merged[: m.numel()])
+            self.position_max = merged
+
+
+def top_rows(values: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``(values, keys)`` pairs, largest first (CPU tensors): a total order, so the
+    rows kept from a union do not depend on how it was split."""
+    candidates = torch.arange(values.numel())
+    if values.numel() > k:
+        floor = torch.topk(values, k).values[-1]
+        candidates = (values >= floor).nonzero().flatten()
+    order = candidates[torch.argsort(keys[candidates], descending=True, stable=True)]
+    order = order[torch.argsort(values[order], descending=True, stable=True)]
+    return order[:k]
 
 
 @dataclass

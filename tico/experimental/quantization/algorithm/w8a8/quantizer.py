@@ -7,7 +7,7 @@ This module is the lifecycle only; each decision lives in a module named after i
   interface for ``quantize_attention`` (:mod:`.attention`)), discover smoothing groups (SmoothQuant's own
   observers, one per group), record decoder blocks for ``block_objective`` (:mod:`.block_objective`) and hook one
   sampled observer per quantized Linear input (:mod:`.observer`, :mod:`.dynamic_fallback`).
-* convert: **plan** everything from the statistics (alphas, :mod:`.alphas`; smoothing scales through
+* convert: reduce the statistics over the ranks of a process group (a no-op merge in one process), then **plan** everything from the statistics (alphas, :mod:`.alphas`; smoothing scales through
   SmoothQuant's public ``plan_scales``; per layer its replacement, :mod:`.planner`; the block choices; the int8
   embedding; the attention scales), **validate** the whole plan (one error naming every offending module), then
   **apply** it in four journaled steps (:mod:`.apply`). Any error, before or during apply, leaves the model
@@ -33,6 +33,7 @@ from tico.experimental.quantization.algorithm.w8a8.planner import LayerPlanner, 
 from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache
 from tico.experimental.quantization.algorithm.w8a8.report import ConversionPlan, W8A8Report
 from tico.experimental.quantization.algorithm.w8a8.targets import select_targets, weight_rows
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.quantizer import BaseQuantizer
 from tico.experimental.quantization.registry import register_quantizer
@@ -139,11 +140,23 @@ class W8A8Quantizer(BaseQuantizer):
         :class:`~tico.experimental.quantization.algorithm.w8a8.attention.AttentionQuantState` (fixed scales) and
         the model's attention implementation stays ``"tico_w8a8_sdpa"`` (see that module's docstring).
         """
-        plan = self.plan_conversion(model)
+        self.reduce_statistics(model)
+        with distributed.together("W8A8 planning"):  # a rank that fails stops every rank here
+            plan = self.plan_conversion(model)
         apply.apply_plan(self.sq, model, plan)
         self.report = plan.report
         logger.info("%s", self.report.summary())
         return model
+
+    def statistics(self, model: nn.Module) -> dict[str, distributed.Reducible]:
+        """Smoothing's observers, each quantized layer's input observer, the attention maxima and the block
+        recorder: everything :meth:`plan_conversion` reads, reduced over ranks by :meth:`reduce_statistics`."""
+        items = dict(self.sq.statistics(model)) if self.sq is not None else {}
+        items.update({f"input:{name}": obs for name, obs in self.observers.items()})
+        items.update({f"attention:{n}": s for n, s in attention.states(model, self.attention_modules).items()})
+        if self.recorder is not None:
+            items["block_recorder"] = self.recorder
+        return items
 
     def plan_conversion(self, model: nn.Module) -> ConversionPlan:
         """Every change convert will make, validated; raises one :class:`QuantizationError` listing every problem."""
