@@ -704,3 +704,21 @@ def test_ignore_pattern_streamed_keeps_every_matching_layer_in_float(stories_dir
                      "--ignore", "re:.*\\.mlp\\.down_proj") == 0
     ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert {f"model.layers.{i}.mlp.down_proj" for i in range(5)} <= set(ignored)
+
+
+def test_eval_windows_each_begin_with_the_tokenizers_bos(stories_dir, tinystories_text, monkeypatch, capsys):
+    """eval scores the windows calibration uses: each begins as the tokenizer begins a text (stories260K: BOS)."""
+    from tico.experimental.quantization import evaluation
+
+    seen = []
+    real = evaluation.perplexity
+
+    def spy(model, tokenizer, ids, seq_len, **kwargs):
+        seen.append(ids.view(-1, seq_len))
+        return real(model, tokenizer, ids, seq_len=seq_len, **kwargs)
+
+    monkeypatch.setattr(evaluation, "perplexity", spy)
+    assert main(["eval", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--seq-len", "64",
+                 "--max-windows", "3", "--skip-tokens", "100"]) == 0
+    (windows,) = seen
+    assert windows.shape[0] >= 3 and bool((windows[:, 0] == 1).all())  # stories260K's BOS id is 1

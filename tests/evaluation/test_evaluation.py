@@ -166,8 +166,9 @@ def _hand_sliding(model, stream, stride, windows):
     return total / count, count
 
 
-def test_full_text_perplexity_matches_readme(model, tokenizer, text):
-    result = perplexity(model, tokenizer, text, seq_len=SEQ, batch_size=32)
+def test_full_text_perplexity_matches_readme(model, stream):
+    # the protocol of ../shared/data/README.md: the token stream with one BOS at its start, cut in windows
+    result = perplexity(model, None, stream, seq_len=SEQ, batch_size=32)
     assert round(result.ppl, 2) == 5.12
     assert result.num_windows == 393_013 // SEQ == 1535 and result.num_tokens == 1535 * (SEQ - 1)
     assert result.seq_len == SEQ and result.stride is None
@@ -176,11 +177,14 @@ def test_full_text_perplexity_matches_readme(model, tokenizer, text):
 
 def test_disjoint_subset_matches_hand_computation(model, tokenizer, text, stream):
     nll, count = _hand_disjoint(model, stream, 10)
-    by_text = perplexity(model, tokenizer, text, seq_len=SEQ, max_windows=10)
     by_ids = perplexity(model, None, stream, seq_len=SEQ, max_windows=10, batch_size=4)  # batches 4+4+2
-    for r in (by_text, by_ids):
-        assert r.num_windows == 10 and r.num_tokens == count
-        assert r.nll == pytest.approx(nll, rel=1e-6)
+    assert by_ids.num_windows == 10 and by_ids.num_tokens == count and by_ids.nll == pytest.approx(nll, rel=1e-6)
+    # text: every window begins as the tokenizer begins a text (stories260K: its BOS, then 255 text tokens)
+    windows = token_windows(tokenizer, text, SEQ, num_windows=10)
+    assert bool((windows[:, 0] == tokenizer.bos_token_id).all())
+    nll, count = _hand_disjoint(model, windows.reshape(-1), 10)
+    by_text = perplexity(model, tokenizer, text, seq_len=SEQ, max_windows=10)
+    assert by_text.num_windows == 10 and by_text.num_tokens == count and by_text.nll == pytest.approx(nll, rel=1e-6)
     assert by_text.ppl == pytest.approx(math.exp(nll), rel=1e-6)
 
 

@@ -143,7 +143,7 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
 # -- eval -----------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.export.publish import read_run_metadata
-    from tico.experimental.quantization.evaluation import perplexity, tokenize_text
+    from tico.experimental.quantization.evaluation import perplexity, token_windows, tokenize_text
     from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 
     _before_loading(args, "eval")
@@ -157,13 +157,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = []
     for label, name in names:
         tokenizer = load_tokenizer(name, args.trust_remote_code)
-        stream = tokenize_text(tokenizer, text)
+        stream = tokenize_text(tokenizer, text, add_bos=False)
         if skip >= stream.numel():
             raise CliError(f"--dataset {args.dataset}: only {stream.numel()} tokens, none left after skipping {skip}; "
                            "evaluate on another text or lower --skip-tokens", EXIT_LOAD)
         model = load_model(name, args.dtype, args.device, args.trust_remote_code, causal_lm=True)
-        try:
-            result = perplexity(model, None, stream[skip:], seq_len=args.seq_len, max_windows=args.max_windows,
+        try:  # each window begins as the tokenizer begins a text (its BOS, if it adds one), as calibration did
+            windows = token_windows(tokenizer, text, args.seq_len, start=skip)
+            result = perplexity(model, None, windows.reshape(-1), seq_len=args.seq_len, max_windows=args.max_windows,
                                 device=args.device, progress=True)
         except ValueError as exc:
             raise _too_short(args, exc, "--skip-tokens") from None

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tico.experimental.quantization.evaluation.data import _as_stream, tokenize_text
+from tico.experimental.quantization.evaluation.data import _as_stream, token_windows, tokenize_text
 from tico.experimental.quantization.progress import track
 
 __all__ = ["PerplexityResult", "perplexity", "model_logits"]
@@ -212,7 +212,9 @@ def perplexity(
             rounding in the model's batched kernels).
         device: where the input ids are placed; default the device of the model's first parameter.
             The model itself is not moved.
-        add_bos: prepend the tokenizer's BOS (if it has one) once, at the start of the text.
+        add_bos: begin windows as the tokenizer begins a text (its BOS, if it adds one): every window for
+            disjoint windows (``stride=None``, :func:`~...evaluation.data.token_windows`: the BOS and
+            ``seq_len - 1`` text tokens), once at the start of the text for the sliding window.
         progress: report each batch of windows to the progress callback (see
             :mod:`~tico.experimental.quantization.progress`; the command line draws it).
 
@@ -226,7 +228,8 @@ def perplexity(
     elif tokenizer is None:
         raise ValueError("a tokenizer is needed to score text; pass one, or pass token ids instead of text")
     else:
-        ids = tokenize_text(tokenizer, text, add_bos=add_bos)
+        ids = token_windows(tokenizer, text, seq_len, add_bos=add_bos).reshape(-1) if stride is None \
+            else tokenize_text(tokenizer, text, add_bos=add_bos)
     n = ids.numel()
     vocab = _vocab_size(model)
     if n and vocab is not None and int(ids.max()) >= vocab:
