@@ -92,9 +92,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
     try:
-        result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
-                                    args.dtype, args.device, args.trust_remote_code, _options(args, config),
-                                    rotate=args.rotate, streaming=args.streaming)
+        with _process_group(args) as rank:
+            result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
+                                        args.dtype, args.device, args.trust_remote_code, _options(args, config),
+                                        rotate=args.rotate, streaming=args.streaming)
     except (OSError, ValueError) as exc:
         # Raised while writing (export refusals, disk full): the staging folder is already removed.
         from tico.experimental.quantization.quantizer import QuantizationError
@@ -102,6 +103,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if isinstance(exc, QuantizationError):
             raise
         raise CliError(f"cannot write {args.output}: {type(exc).__name__}: {exc}", EXIT_OUTPUT) from None
+    if rank != 0:  # one rank reports; rank 0 wrote the folder
+        return 0
     if result.notes:
         out(result.notes)
     out(result.summary())
@@ -112,6 +115,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out(f"saved {args.scheme} checkpoint to {args.output}{source} in {time.perf_counter() - start:.1f}s "
         f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
     return 0
+
+
+@contextmanager
+def _process_group(args: argparse.Namespace) -> Iterator[int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): a process group (``gloo`` on the CPU, ``nccl`` on CUDA, one device
+    per rank) for the streamed pipeline, which splits the batches over the ranks and writes on rank 0; yields
+    this rank. The in-memory path would calibrate every rank on every batch, so it is refused there (exit 2)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0
+        return
+    if not args.streaming or args.rotate != "none" or args.dtype != "auto":
+        raise CliError("under torchrun only the streamed path runs (no --in-memory, --rotate or --dtype)", EXIT_ARGS)
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:
+        logging.getLogger("tico").setLevel(logging.ERROR)  # rank 0 logs and draws the progress
+    try:
+        yield rank
+    finally:
+        dist.destroy_process_group()
 
 
 def _options(args: argparse.Namespace, config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.pipeline.capture import BlockCall
 from tico.experimental.quantization.pipeline.output import Output, summary
@@ -105,22 +106,24 @@ def quantize_block(shell: BlockShell, config: BaseConfig, inputs: BlockInputs, p
     """prepare (probe forward) -> calibrate -> convert -> propagate -> write -> free the block."""
     probe_h, probe_call = inputs.probe_input()
     kwargs = probe_call.kwargs if probe_call.hidden_key is None else {**probe_call.kwargs, probe_call.hidden_key: probe_h}
-    with own_probe(shell.target):
-        prepare(shell, config, args=(probe_h, *probe_call.args), kwargs=kwargs)
-    quantizer = get_quantizer(shell)
-    outputs, returns_tuple = [], False
-    for h, call in zip(inputs.hidden, inputs.calls):
-        o = call(shell, h)
-        returns_tuple = isinstance(o, (tuple, list))
-        outputs.append(hidden_of(o).detach())
-    clock("calibrate")
-    convert(shell)
+    with distributed.together(f"calibrating {shell.target}"):  # local work; convert's collectives come next
+        with own_probe(shell.target):
+            prepare(shell, config, args=(probe_h, *probe_call.args), kwargs=kwargs)
+        quantizer = get_quantizer(shell)
+        outputs, returns_tuple = [], False
+        for h, call in zip(inputs.hidden, inputs.calls):  # this rank's share of the batches
+            o = call(shell, h)
+            returns_tuple = isinstance(o, (tuple, list))
+            outputs.append(hidden_of(o).detach())
+        clock("calibrate")
+    convert(shell)  # reduces the statistics over the ranks, then plans: the same block on every rank
     clock("convert")
-    if propagate == "quantized":
-        outputs = [hidden_of(call(shell, h)).detach() for h, call in zip(inputs.hidden, inputs.calls)]
-    clock("propagate")
-    line = summary(shell)
-    out.add(shell)
-    Checkpoint.release(shell.get_submodule(shell.target))
-    clock("write")
+    with distributed.together(f"propagating and writing {shell.target}"):
+        if propagate == "quantized":
+            outputs = [hidden_of(call(shell, h)).detach() for h, call in zip(inputs.hidden, inputs.calls)]
+        clock("propagate")
+        line = summary(shell)
+        out.add(shell)
+        Checkpoint.release(shell.get_submodule(shell.target))
+        clock("write")
     return BlockOutcome(outputs, returns_tuple, line, quantizer)

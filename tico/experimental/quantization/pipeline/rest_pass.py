@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.pipeline.block_pass import own_probe
 from tico.experimental.quantization.pipeline.capture import model_inputs
 from tico.experimental.quantization.pipeline.output import Output, summary
@@ -51,16 +52,17 @@ def load_rest(ckpt: Checkpoint, model: nn.Module, scope: UnitScope, blocks_path:
               device: torch.device) -> list[Passthrough]:
     """Load ``model``'s parts outside the blocks (the skeleton, or a copy of it) on ``device``, with stand-ins
     for the vocabulary matrices left as they are; returns those stand-ins' records."""
-    passthrough = passthrough_matrices(ckpt, model, scope.leaves_vocabulary(model, blocks_path), blocks_path)
-    skipped = [n for p in passthrough for n in p.names]
-    skipped_keys = stored_keys(ckpt, model, skipped)
-    keys, expected = rest_names(ckpt, model, blocks_path)
-    ckpt.load([k for k in keys if k not in skipped_keys], [n for n in expected if n not in skipped], into=model)
-    for p in passthrough:
-        p.install(model, device)
-    model.to(device)
-    for p in passthrough:
-        p.standin = model.get_parameter(p.names[0])
+    with distributed.together(f"loading {type(model).__name__} outside {blocks_path}"):
+        passthrough = passthrough_matrices(ckpt, model, scope.leaves_vocabulary(model, blocks_path), blocks_path)
+        skipped = [n for p in passthrough for n in p.names]
+        skipped_keys = stored_keys(ckpt, model, skipped)
+        keys, expected = rest_names(ckpt, model, blocks_path)
+        ckpt.load([k for k in keys if k not in skipped_keys], [n for n in expected if n not in skipped], into=model)
+        for p in passthrough:
+            p.install(model, device)
+        model.to(device)
+        for p in passthrough:
+            p.standin = model.get_parameter(p.names[0])
     return passthrough
 
 
@@ -71,19 +73,22 @@ def run_rest(model: nn.Module, scope: UnitScope, blocks_path: str, last: BlockSt
     """prepare/calibrate/convert/write the rest; ``last`` returns each batch's recorded last-block output
     (``None``: its input). Returns a one-line summary and the quantizer."""
     probe = {"input_ids": torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=device)} if passthrough else None
-    with scope.quiet_outside_blocks(), own_probe(f"{type(model).__name__} outside {blocks_path}"):
-        prepare(model, scope.for_unit(model, None, blocks_path), kwargs=probe)
-    quantizer = get_quantizer(model)
-    observes = scope.observes(quantizer)
-    if passthrough and observes:
-        raise RuntimeError(f"{[p.names[0] for p in passthrough]} were expected to be left as is, but the rest of "
-                           f"{type(model).__name__} observes activations")
-    for batch, h in zip(batches if observes else [], hidden):  # nothing observes: no forward (LM head logits)
-        last.feed = h
-        inputs = model_inputs(model, batch)
-        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
-    last.feed = None
+    unit = f"{type(model).__name__} outside {blocks_path}"
+    with distributed.together(f"calibrating {unit}"):  # local work; convert's collectives come next
+        with scope.quiet_outside_blocks(), own_probe(unit):
+            prepare(model, scope.for_unit(model, None, blocks_path), kwargs=probe)
+        quantizer = get_quantizer(model)
+        observes = scope.observes(quantizer)
+        if passthrough and observes:
+            raise RuntimeError(f"{[p.names[0] for p in passthrough]} were expected to be left as is, but the rest of "
+                               f"{type(model).__name__} observes activations")
+        for batch, h in zip(batches if observes else [], hidden):  # nothing observes: no forward (LM head logits)
+            last.feed = h
+            inputs = model_inputs(model, batch)
+            model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+        last.feed = None
     with scope.quiet_outside_blocks():
-        convert(model)
-    out.add(model, passthrough)
+        convert(model)  # on every rank, the preflight's dry pass included: the same collectives in the same order
+    with distributed.together(f"writing {unit}"):
+        out.add(model, passthrough)
     return summary(model), quantizer

@@ -18,6 +18,13 @@ as they are, how plans and reports merge, all come from the algorithm's scope
 (:func:`~tico.experimental.quantization.registry.get_scope`). Progress goes through
 :mod:`~tico.experimental.quantization.progress`. With float propagation the result is bit-identical to the
 in-memory ``prepare``/``convert`` of the whole model (tested).
+
+Under a process group (``torchrun``; see docs/distributed.md) every rank is given the same batches and keeps a
+contiguous share of them, in rank order (:func:`rank_share`): each block is calibrated and propagated on every
+rank's own share, and each ``convert`` reduces the statistics over the ranks first, so every rank converts the
+block one process would. The collectives are reached on every rank in the same order (the preflight's dry
+rest-of-model pass included); the local work between them runs inside ``distributed.together``, so a failure
+on one rank ends every rank with an error. Only rank 0 writes the output folder and reports progress.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.structure.probe import probe_token_ids, vocab_size
 from tico.experimental.quantization.config.base import BaseConfig
 from tico.experimental.quantization.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
@@ -55,7 +63,7 @@ from tico.experimental.quantization.progress import track
 from tico.experimental.quantization.registry import UnitScope, get_scope
 from tico.experimental.quantization.structure.blocks import find_blocks
 
-__all__ = ["quantize_checkpoint", "StreamResult"]
+__all__ = ["quantize_checkpoint", "rank_share", "StreamResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,35 +136,56 @@ def quantize_checkpoint(
     start = time.perf_counter()
     if propagate not in ("quantized", "float"):
         raise ValueError(f"propagate must be 'quantized' or 'float', got {propagate!r}")
-    scope = get_scope(config)
-    scope.check_streamable(writes=output_dir is not None)
-    batches = list(calibration)
-    if not batches:
-        raise ValueError("calibration is empty: give at least one batch of token ids")
-    ckpt = Checkpoint(resolve_checkpoint(model_dir_or_id), attn_implementation)
-    scope.check_names(ckpt.model)
-    blocks_path, block_list = find_blocks(ckpt.model, blocks)
-    run = _Run(ckpt, scope, blocks_path, block_list, torch.device(device), propagate, output_dir is not None,
-               list(ckpt.model.state_dict(keep_vars=True)))
-    result = StreamResult(Path(output_dir) if output_dir is not None else None, len(block_list), scope=scope)
-    t0 = time.perf_counter()
-    if run.writes:
-        preflight.check_export(scope, ckpt.model, ckpt.dtype, ckpt.config)
-    result.preflight_s = time.perf_counter() - t0
-    hidden, calls, probe = _capture(run, batches, result)
+    batches = rank_share(list(calibration))
+    writes_here = output_dir is not None and distributed.rank() == 0
+    with distributed.together("preparing the streamed run"):
+        scope = get_scope(config)
+        scope.check_streamable(writes=output_dir is not None)
+        ckpt = Checkpoint(resolve_checkpoint(model_dir_or_id), attn_implementation)
+        scope.check_names(ckpt.model)
+        blocks_path, block_list = find_blocks(ckpt.model, blocks)
+        run = _Run(ckpt, scope, blocks_path, block_list, torch.device(device), propagate, output_dir is not None,
+                   list(ckpt.model.state_dict(keep_vars=True)))
+        result = StreamResult(Path(output_dir) if output_dir is not None else None, len(block_list), scope=scope)
+        t0 = time.perf_counter()
+        if run.writes:
+            preflight.check_export(scope, ckpt.model, ckpt.dtype, ckpt.config)
+        result.preflight_s = time.perf_counter() - t0
+        hidden, calls, probe = _capture(run, batches, result)
+        writer = ShardWriter(output_dir, max_shard_size) if writes_here else None
 
-    writer = ShardWriter(output_dir, max_shard_size) if output_dir is not None else None
     with writer if writer is not None else _NoWriter():
         out = Output(writer, scope.output_format, ckpt.dtype, ckpt.model)
-        hidden = _quantize_blocks(run, hidden, calls, probe, out, result, progress, on_block)
+        hidden = _quantize_blocks(run, hidden, calls, probe, out, result, progress and distributed.rank() == 0,
+                                  on_block)
         _quantize_rest(run, batches, hidden, out, result)
-        out.finish(ckpt.folder, ckpt.config)
-        if writer is not None:
-            if before_publish is not None:
-                before_publish(writer.staging, result)
-            writer.publish()
+        with distributed.together("writing the output folder on rank 0"):
+            out.finish(ckpt.folder, ckpt.config)
+            if writer is not None:
+                if before_publish is not None:
+                    before_publish(writer.staging, result)
+                writer.publish()
     result.total_s = time.perf_counter() - start
     return result
+
+
+def rank_share(batches: list[Batch]) -> list[Batch]:
+    """This rank's calibration batches: a contiguous share, in rank order (all of them without a process group).
+
+    Contiguous, not interleaved: the block objective keeps the first recorded calls of rank 0, then of rank 1,
+    ..., which are the first calls one process records only when the shares follow the batches' order. Decided
+    here, in the one entry point every caller (the command line, a user's script) goes through, so every rank is
+    given the same list and no caller splits it.
+    """
+    if not batches:
+        raise ValueError("calibration is empty: give at least one batch of token ids")
+    world = distributed.world_size()
+    if len(batches) < world:
+        raise ValueError(f"{len(batches)} calibration batch(es) for {world} ranks: give at least one batch per rank")
+    q, extra = divmod(len(batches), world)  # the first ``extra`` ranks take one batch more: none is left empty
+    r = distributed.rank()
+    first = r * q + min(r, extra)
+    return batches[first:first + q + (r < extra)]
 
 
 def _capture(run: _Run, batches: list[Batch], result: StreamResult) -> tuple[list, list[list], tuple | None]:
@@ -219,11 +248,12 @@ def _quantize_blocks(run: _Run, hidden: list[torch.Tensor], calls: list[list], p
         t0 = time.perf_counter()
         phases: dict[str, float] = {}
         clock = Clock(phases, run.device)
-        keys = run.ckpt.keys_under(f"{run.blocks_path}.{i}")
-        shell = load_block(run.ckpt, run.blocks_path, i, keys, run.state_names, run.device)
-        clock("load")
-        inputs = BlockInputs(hidden, calls[i], None if probe is None else (probe_hidden, probe[1][i]))
-        next_probe, returns_tuple = float_probe(shell, inputs) if probe is not None or i == 0 else (None, False)
+        with distributed.together(f"loading block {i}"):
+            keys = run.ckpt.keys_under(f"{run.blocks_path}.{i}")
+            shell = load_block(run.ckpt, run.blocks_path, i, keys, run.state_names, run.device)
+            clock("load")
+            inputs = BlockInputs(hidden, calls[i], None if probe is None else (probe_hidden, probe[1][i]))
+            next_probe, returns_tuple = float_probe(shell, inputs) if probe is not None or i == 0 else (None, False)
         checked = 0.0
         if i == 0:
             p0 = time.perf_counter()
@@ -245,8 +275,9 @@ def _quantize_blocks(run: _Run, hidden: list[torch.Tensor], calls: list[list], p
         trim_heap()  # the freed block back to the OS, not kept by malloc under the next block's peak
         result.block_s.append(time.perf_counter() - t0 - checked)
         logger.info("block %d/%d done in %.2fs", i + 1, n, result.block_s[-1])
-        if on_block is not None:
-            on_block(i)
+        with distributed.together(f"after block {i}"):
+            if on_block is not None:
+                on_block(i)
     return hidden
 
 
