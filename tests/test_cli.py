@@ -692,7 +692,8 @@ def test_progress_in_a_log_file_is_plain_lines(mode, stories_dir, tinystories_te
     text = log.read_text()
     assert result.returncode == 0, text
     assert "\r" not in text and "\x1b[" not in text, text[:2000]
-    assert 4 <= len(text.splitlines()) <= 30, text
+    assert "quantizing blocks: done" in text or "done" in text, text
+    assert 2 <= len(text.splitlines()) <= 30, text
 
 
 def test_ignore_pattern_streamed_keeps_every_matching_layer_in_float(stories_dir, text_file, tmp_path):
