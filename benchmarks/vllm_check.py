@@ -926,6 +926,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     if not args.vllm_python:
         parser.error("no Python with vLLM: pass --vllm-python or set TICO_VLLM_PYTHON (see the README)")
+    # vLLM runs with the work folder as its current directory: relative paths are made absolute here (abspath,
+    # not resolve: a venv's python is a symlink that must stay one)
+    if os.sep in args.vllm_python:
+        args.vllm_python = os.path.abspath(args.vllm_python)
+    args.model = Path(os.path.abspath(args.model)) if args.model else None
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tico-vllm-"))
     if args.ppl or args.model:
