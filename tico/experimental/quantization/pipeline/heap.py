@@ -2,9 +2,8 @@
 
 glibc's ``malloc`` keeps freed heap memory for reuse instead of returning it, and a block's temporaries (a fp32
 weight copy per Linear, observer samples, search products) are freed in an order that leaves the heap
-fragmented: at Llama-3.2-1B's shapes the resident memory between two blocks was ~1.05 GB of which 0.07 GB was
-live tensors, and each block's peak started from there (1.34-1.54 GB over 16 blocks; with a trim after each
-block 1.32-1.42 GB, 0.47 GB between blocks). ``malloc_trim(0)`` returns the free heap pages; where it does not
+fragmented: most of the resident memory between two blocks is then free heap that the next block's peak
+starts from (measured by ``benchmarks/scale.py``; see benchmarks/RESULTS.md). ``malloc_trim(0)`` returns the free heap pages; where it does not
 exist (macOS, musl, Windows) nothing happens.
 """
 
