@@ -27,16 +27,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
-    """Run distributed_calibration.py as 2 ranks, with the environment torchrun would give them."""
-    out = tmp_path_factory.mktemp("ranks")
+def run_ranks(script: Path, *args: str, world: int = 2) -> list[str]:
+    """Run ``script`` as ``world`` ranks with the environment torchrun would give them; their logs, in rank
+    order. Fails the test if a rank hangs (a collective waiting) or exits non-zero."""
     port = str(_free_port())
     procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "distributed_calibration.py"), str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     for p in procs:
@@ -47,6 +46,14 @@ def two_ranks(tmp_path_factory) -> Path:
                 q.kill()
             pytest.fail("the ranks did not finish: a collective hangs")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs[-1].splitlines()[-30:] + logs[0].splitlines()[-30:])
+    return logs
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Run distributed_calibration.py as 2 ranks, with the environment torchrun would give them."""
+    out = tmp_path_factory.mktemp("ranks")
+    run_ranks(HERE / "distributed_calibration.py", str(out))
     return out
 
 

@@ -4,8 +4,6 @@ one process writes, byte for byte; a rank that fails stops both and nothing is w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ sys.path.insert(0, str(HERE))
 
 import distributed_stream as stream  # noqa: E402
 import zoo  # noqa: E402
-from test_distributed import _free_port  # noqa: E402
+from test_distributed import run_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +31,7 @@ def source(tmp_path_factory) -> Path:
 def two_ranks(tmp_path_factory, source) -> Path:
     """distributed_stream.py as 2 ranks, with the environment torchrun would give them."""
     out = tmp_path_factory.mktemp("ranks")
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "distributed_stream.py"), str(source), str(out)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("the ranks did not finish: a collective hangs")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs[-1].splitlines()[-30:] + logs[0].splitlines()[-30:])
+    run_ranks(HERE / "distributed_stream.py", str(source), str(out))
     return out
 
 

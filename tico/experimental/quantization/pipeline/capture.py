@@ -86,18 +86,3 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         for i, block in enumerate(originals):
             blocks[i] = block
     return captured
-
-
-def to_device(obj: Any, device: torch.device, memo: dict[int, Any]) -> Any:
-    """``obj`` (nested tuples/lists/dicts of tensors) on ``device``; a tensor shared by several calls is moved once."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.to(device)
-        return memo[id(obj)]
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device, memo) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device, memo) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, memo) for k, v in obj.items()}
-    return obj

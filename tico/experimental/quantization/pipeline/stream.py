@@ -51,7 +51,8 @@ from tico.experimental.quantization.pipeline.block_pass import (
     load_block,
     quantize_block,
 )
-from tico.experimental.quantization.pipeline.capture import capture_block_inputs, to_device
+from tico.experimental.quantization.distributed import to_device
+from tico.experimental.quantization.pipeline.capture import capture_block_inputs
 from tico.experimental.quantization.pipeline.heap import trim_heap
 from tico.experimental.quantization.pipeline.output import Output
 from tico.experimental.quantization.pipeline.rest_pass import load_rest, release_rest, rest_names, run_rest
