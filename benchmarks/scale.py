@@ -134,7 +134,7 @@ def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, floa
     from tico.experimental.quantization.pipeline.capture import capture_block_inputs
     from tico.experimental.quantization.pipeline.source import Checkpoint
     from tico.experimental.quantization.structure.blocks import find_blocks
-    from tico.experimental.quantization.pipeline.stream import _release_rest
+    from tico.experimental.quantization.pipeline.rest_pass import release_rest
 
     ckpt = Checkpoint(ckpt_dir)
     model = ckpt.model
@@ -165,7 +165,7 @@ def float_forward(ckpt_dir: Path, batches: list[torch.Tensor]) -> dict[str, floa
     for h in hidden:  # final norm + LM head (logits), batch by batch
         model.lm_head(model.model.norm(h))
     compute += time.perf_counter() - t
-    _release_rest(model, path)
+    release_rest(model, path)
     return {"float_forward_s": compute, "float_blocks_s": blocks_compute, "float_load_s": load}
 
 

@@ -69,7 +69,6 @@ __all__ = ["quantize_checkpoint", "rank_share", "StreamResult"]
 logger = logging.getLogger(__name__)
 
 Batch = torch.Tensor | Mapping[str, Any]
-_release_rest = release_rest  # the name benchmarks/scale.py imports
 
 
 @dataclass
