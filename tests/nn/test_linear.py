@@ -353,3 +353,16 @@ def test_bad_arguments_raise_clear_errors():
         fake_quant_activation(torch.randn(2, 3), "per_tensor")
     with pytest.raises(ValueError, match="weight_granularity must be one of"):
         quantize_weight(torch.randn(2, 3), "per_row")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("act_granularity", ["per_token", "per_tensor"])
+def test_a_model_called_outside_no_grad_gets_the_same_output(kernel, act_granularity):
+    """Inputs that carry a graph (a float embedding before it, no torch.no_grad()) run the same int8 kernels."""
+    lin = make_linear()
+    x = make_input(4, 9, 96)
+    scale = static_scale_of(x) if act_granularity == "per_tensor" else None
+    real = W8A8Linear.from_linear(lin, backend="int8", kernel=kernel, act_granularity=act_granularity, act_scale=scale)
+    with torch.no_grad():
+        expected = real(x)
+    assert torch.equal(real(x.clone().requires_grad_(True)), expected)
