@@ -20,6 +20,14 @@ def test_track_and_stage_report_open_each_step_and_close():
     assert list(track([1, 2], "quiet")) == [1, 2]  # no callback installed: nothing reported, nothing breaks
 
 
+def test_an_empty_step_reports_nothing_rather_than_a_step_left_open():
+    seen = []
+    with progress_callback(lambda *event: seen.append(event)):
+        assert list(track([], "choosing alphas")) == []
+        assert list(track(iter([]), "unknown length")) == []  # opened (length unknown), closed at 0 of 0
+    assert seen == [("unknown length", 0, None), ("unknown length", 0, 0)]
+
+
 def test_write_atomically_removes_everything_it_created_on_failure(tmp_path):
     out = tmp_path / "x" / "y" / "out"
 

@@ -50,6 +50,8 @@ def track(items: Iterable[T], step: str, total: int | None = None) -> Iterator[T
     callback = _callback.get()
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
+    if total == 0:  # nothing to do is no step: opening one would leave it open (done == total at once)
+        callback = None
     start = time.perf_counter()
     if callback is not None:
         callback(step, 0, total)
