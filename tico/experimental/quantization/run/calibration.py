@@ -67,7 +67,11 @@ class QuantizationResult:
         lines = []
         plan = self.plan
         if plan is not None:
-            lines.append(f"smoothing: {len(plan.smoothed)} groups smoothed, {len(plan.skipped)} skipped")
+            # the block objective may leave whole blocks unsmoothed after the plan was made: count what was applied
+            off = {b for b, why in getattr(self.report, "block_choices", {}).items() if why.startswith("unsmoothed")}
+            undone = [g for g in plan.smoothed if g.block in off]
+            lines.append(f"smoothing: {len(plan.smoothed) - len(undone)} groups smoothed, {len(plan.skipped)} skipped"
+                         + (f", {len(undone)} left unsmoothed by the block objective" if undone else ""))
         alphas = self.alphas()
         if alphas:
             values = sorted(alphas.values())
