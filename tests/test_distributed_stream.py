@@ -1,5 +1,6 @@
 """The streamed pipeline under a process group: 2 ranks (gloo, CPU) given the same batches write the checkpoint
-one process writes, byte for byte; a rank that fails stops both and nothing is written."""
+one process writes, byte for byte (a Llama, a tied-embedding Gemma, a fused-expert Mixtral; smoothing and the
+W8A8 dynamic and static defaults); a rank that fails stops both and nothing is written."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from test_distributed import run_ranks  # noqa: E402
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "llama"
-    zoo.build_model("llama").save_pretrained(path)
-    return path
+    """One folder per model of ``stream.MODELS``, as ``save_pretrained`` writes it."""
+    root = tmp_path_factory.mktemp("src")
+    for key in stream.MODELS:
+        zoo.build_model(key).save_pretrained(root / key)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +42,50 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("scheme", stream.CASES)
-def test_two_ranks_write_the_checkpoint_one_process_writes(two_ranks, source, tmp_path, scheme):
+def _different(expected: Path, got: Path) -> list[str]:
+    """The files that differ byte for byte; for a safetensors file, which of its tensors (names, dtypes, bytes)."""
+    from safetensors.torch import load_file
+
+    names = []
+    for name, data in _files(expected).items():
+        if (got / name).read_bytes() == data:
+            continue
+        if not name.endswith(".safetensors"):
+            names.append(name)
+            continue
+        a, b = load_file(expected / name), load_file(got / name)
+        names += [f"{name}:{k}" for k in sorted(a.keys() | b.keys())
+                  if k not in a or k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] or [name]
+    return names
+
+
+@pytest.mark.parametrize("case", stream.CASES)
+def test_two_ranks_write_the_checkpoint_one_process_writes(two_ranks, source, tmp_path, case):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: a matmul's bits may depend on the thread count
     try:
-        stream.run_case(source, scheme, tmp_path / scheme)
+        stream.run_case(source, case, tmp_path / case)
     finally:
         torch.set_num_threads(threads)
-    expected, got = _files(tmp_path / scheme), _files(two_ranks / scheme)
-    assert list(got) == list(expected)
-    assert [name for name in expected if got[name] != expected[name]] == []
+    assert sorted(p.name for p in (two_ranks / case).iterdir()) == sorted(p.name for p in (tmp_path / case).iterdir())
+    assert _different(tmp_path / case, two_ranks / case) == []
+
+
+@pytest.mark.parametrize("model_key", stream.MODELS)
+def test_the_compared_checkpoints_are_transformed(two_ranks, source, model_key):
+    """Not a copy of the source: smoothing changed the norms that feed the attention and the MLP (the experts and
+    their router for the MoE), W8A8 wrote int8 weights; a tied head is saved once, as the embedding."""
+    from safetensors.torch import load_file
+
+    src = load_file(source / model_key / "model.safetensors")
+    smooth = load_file(two_ranks / f"{model_key}-smooth" / "model.safetensors")
+    norms = [k for k in src if k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))]
+    assert len(norms) == 4 and not any(torch.equal(src[k], smooth[k]) for k in norms)
+    for scheme in ("w8a8-dynamic", "w8a8-static"):
+        quantized = load_file(two_ranks / f"{model_key}-{scheme}" / "model.safetensors")
+        assert any(t.dtype == torch.int8 for t in quantized.values())
+        assert ("lm_head.weight" in quantized) == ("lm_head.weight" in src)
+    assert ("lm_head.weight" in src) == (model_key != "gemma")
 
 
 def test_a_rank_that_fails_stops_every_rank_and_nothing_is_written(two_ranks):
