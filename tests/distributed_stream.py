@@ -4,7 +4,13 @@ Run as a script with torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_
 ``SRC OUT``, ``SRC/<model>`` holding each model of :data:`MODELS` saved with ``save_pretrained``: every rank
 calls ``quantize_checkpoint`` with the same arguments (all the batches, the same output folder) for each case of
 :data:`CASES`, into ``OUT/<model>-<scheme>``; then one run, into ``OUT/failure``, in which rank 1 raises after its
-first block, whose outcome per rank goes to ``OUT/failure.rank<r>.json``.
+first block, and one, into ``OUT/early``, in which reading rank 1's calibration batches raises before the first
+collective; their outcomes per rank go to ``OUT/failure.rank<r>.json`` and ``OUT/early.rank<r>.json``.
+
+``cli HOW ARGS...``: ``tico-sq ARGS`` as one rank of torchrun runs it, except on rank 1, which fails ``HOW``:
+``model`` (its ``--model`` is a folder that does not exist), ``raise`` (a RuntimeError where
+``quantize_checkpoint`` splits the batches, before the first collective) or ``die`` (it exits with code 3
+before it starts, without a word to the others).
 """
 
 from __future__ import annotations
@@ -58,6 +64,37 @@ def _failing_run(src: Path, out: Path, rank: int) -> dict[str, str]:
         return {"error": type(exc).__name__, "message": str(exc)}
 
 
+def _early_failure(src: Path, out: Path, rank: int) -> dict[str, str]:
+    def calibration():
+        yield from batches("llama")[:2]
+        if rank == 1:
+            raise RuntimeError("injected failure reading the calibration on rank 1")
+        yield from batches("llama")[2:]
+
+    try:
+        quantize_checkpoint(src / "llama", config_of("smooth"), calibration(), out)
+        return {"error": "", "message": ""}
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        return {"error": type(exc).__name__, "message": str(exc)}
+
+
+def cli(how: str, argv: list[str]) -> int:
+    from tico.experimental.quantization.cli import main as tico_sq
+    from tico.experimental.quantization.pipeline import stream
+
+    if os.environ["RANK"] == "1":
+        if how == "die":
+            os._exit(3)
+        if how == "model":
+            argv[argv.index("--model") + 1] = "/nonexistent/tico-test-model"
+        if how == "raise":
+            def fail(batches: list) -> list:
+                raise RuntimeError("injected failure on rank 1 before the first collective")
+
+            stream.rank_share = fail
+    return tico_sq(argv)
+
+
 def main(src: Path, out: Path) -> None:
     import torch.distributed as dist
 
@@ -68,10 +105,13 @@ def main(src: Path, out: Path) -> None:
         for case in CASES:
             run_case(src, case, out / case)
         (out / f"failure.rank{rank}.json").write_text(json.dumps(_failing_run(src, out / "failure", rank)))
+        (out / f"early.rank{rank}.json").write_text(json.dumps(_early_failure(src, out / "early", rank)))
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.argv[1] == "cli":
+        sys.exit(cli(sys.argv[2], sys.argv[3:]))
     main(Path(sys.argv[1]), Path(sys.argv[2]))

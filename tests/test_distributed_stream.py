@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ sys.path.insert(0, str(HERE))
 
 import distributed_stream as stream  # noqa: E402
 import zoo  # noqa: E402
-from test_distributed import run_ranks  # noqa: E402
+from test_distributed import launch_ranks, run_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,66 @@ def test_a_rank_that_fails_stops_every_rank_and_nothing_is_written(two_ranks):
     assert other["error"] == "DistributedError"
     assert "after block 0: rank 1 of 2 failed" in other["message"] and "injected failure on rank 1" in other["message"]
     assert not (two_ranks / "failure").exists()
-    assert sorted(p.name for p in two_ranks.iterdir()) == sorted([*stream.CASES, "failure.rank0.json", "failure.rank1.json"])
+    written = [*stream.CASES, *(f"{run}.rank{r}.json" for run in ("failure", "early") for r in (0, 1))]
+    assert sorted(p.name for p in two_ranks.iterdir()) == sorted(written)
+
+
+def test_a_rank_that_fails_before_the_first_collective_stops_every_rank(two_ranks):
+    """Reading rank 1's calibration batches raises while rank 0 goes on: rank 0 learns it at its first exchange
+    (without it, it would wait there until the process group's timeout and end with a timeout error)."""
+    failed, other = (json.loads((two_ranks / f"early.rank{r}.json").read_text()) for r in (1, 0))
+    assert failed == {"error": "RuntimeError", "message": "injected failure reading the calibration on rank 1"}
+    assert other["error"] == "DistributedError"
+    assert other["message"].startswith("preparing the streamed run: rank 1 of 2 failed")
+    assert not (two_ranks / "early").exists()
+
+
+# -- tico-sq quantize, 2 ranks started as torchrun starts them, without its agent (which would stop the others) --
+def _cli(how: str, stories_dir: Path, text: Path, out: Path, *extra: str) -> tuple[list[tuple[int, str]], float]:
+    argv = ["quantize", "--model", str(stories_dir), "--dataset", str(text), "--samples", "4", "--batch-size", "2",
+            "--seq-len", "32", "--output", str(out), *extra]
+    start = time.perf_counter()
+    ended = launch_ranks(HERE / "distributed_stream.py", "cli", how, *argv, timeout=120)
+    return ended, time.perf_counter() - start
+
+
+def _error(log: str) -> str:
+    return next(line for line in log.splitlines() if line.startswith("tico-sq: error:"))
+
+
+def test_cli_a_rank_that_cannot_read_the_model_stops_every_rank(stories_dir, tinystories_text, tmp_path):
+    (rank0, log0), (rank1, log1) = _cli("model", stories_dir, tinystories_text, tmp_path / "out")[0]
+    assert rank1 == 3 and "/nonexistent/tico-test-model" in _error(log1) and "does not exist" in _error(log1)
+    assert rank0 == 5, log0
+    assert "checking the arguments and inputs: rank 1 of 2 failed" in _error(log0)
+    assert "/nonexistent/tico-test-model" in _error(log0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_a_rank_that_raises_before_the_first_collective_ends_both_with_exit_5(stories_dir, tinystories_text,
+                                                                                   tmp_path):
+    (rank0, log0), (rank1, log1) = _cli("raise", stories_dir, tinystories_text, tmp_path / "out")[0]
+    assert (rank0, rank1) == (5, 5), log0 + log1
+    assert "injected failure on rank 1 before the first collective" in _error(log1)
+    assert "preparing the streamed run: rank 1 of 2 failed" in _error(log0) and "injected failure" in _error(log0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_dist_timeout_bounds_the_wait_for_a_rank_that_never_starts(stories_dir, tinystories_text, tmp_path):
+    """Rank 1 exits before the process group starts (nothing tells rank 0): rank 0 stops after --dist-timeout,
+    exit 5, instead of torch's default timeout."""
+    ((rank0, log0), (rank1, _)), took = _cli("die", stories_dir, tinystories_text, tmp_path / "out", "--dist-timeout", "2")
+    assert (rank0, rank1) == (5, 3), log0
+    assert "the process group did not start" in _error(log0)
+    assert took < 100  # the launch timeout is 120 s; torch's default process group timeout is far longer
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_dist_timeout_without_torchrun_is_refused(capsys, tmp_path):
+    from tico.experimental.quantization.cli import main
+
+    assert main(["quantize", "--model", "m", "--dataset", "d", "--output", str(tmp_path / "o"), "--dist-timeout", "5"]) == 2
+    assert "--dist-timeout" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_without_a_process_group_the_share_is_every_batch():
