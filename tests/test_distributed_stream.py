@@ -100,8 +100,9 @@ def test_a_rank_that_fails_stops_every_rank_and_nothing_is_written(two_ranks):
 
 
 def test_a_rank_that_fails_before_the_first_collective_stops_every_rank(two_ranks):
-    """Reading rank 1's calibration batches raises while rank 0 goes on: rank 0 learns it at its first exchange
-    (without it, it would wait there until the process group's timeout and end with a timeout error)."""
+    """Reading rank 1's calibration batches raises while rank 0 goes on: rank 0 learns it, and from whom, at its
+    first exchange. Were the reading outside that exchange, rank 0 would wait in its first collective until rank
+    1's process is gone (gloo then reports a reset connection, naming nobody) or the process group's timeout."""
     failed, other = (json.loads((two_ranks / f"early.rank{r}.json").read_text()) for r in (1, 0))
     assert failed == {"error": "RuntimeError", "message": "injected failure reading the calibration on rank 1"}
     assert other["error"] == "DistributedError"
