@@ -27,9 +27,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(script: Path, *args: str, world: int = 2) -> list[str]:
-    """Run ``script`` as ``world`` ranks with the environment torchrun would give them; their logs, in rank
-    order. Fails the test if a rank hangs (a collective waiting) or exits non-zero."""
+def launch_ranks(script: Path, *args: str, world: int = 2, timeout: float = 240) -> list[tuple[int, str]]:
+    """Run ``script`` as ``world`` ranks with the environment torchrun would give them (but no agent that stops
+    the others when one exits); each rank's exit code and log, in rank order. Fails the test if a rank is still
+    running after ``timeout`` seconds (a collective or the process group's start waiting for a rank)."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
@@ -40,12 +41,19 @@ def run_ranks(script: Path, *args: str, world: int = 2) -> list[str]:
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=240)[0])
+            logs.append(p.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("the ranks did not finish: a collective hangs")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs[-1].splitlines()[-30:] + logs[0].splitlines()[-30:])
+            pytest.fail(f"the ranks did not finish in {timeout}s: a collective hangs")
+    return [(p.returncode, log) for p, log in zip(procs, logs)]
+
+
+def run_ranks(script: Path, *args: str, world: int = 2) -> list[str]:
+    """:func:`launch_ranks`, every rank expected to exit 0; their logs, in rank order."""
+    ended = launch_ranks(script, *args, world=world)
+    logs = [log for _, log in ended]
+    assert all(code == 0 for code, _ in ended), "\n".join(logs[-1].splitlines()[-30:] + logs[0].splitlines()[-30:])
     return logs
 
 

@@ -29,12 +29,15 @@ def run(args: argparse.Namespace) -> int:
 
 @contextmanager
 def _library_errors() -> Iterator[None]:
+    from tico.experimental.quantization.distributed import DistributedError
     from tico.experimental.quantization.export.publish import OutputError
     from tico.experimental.quantization.run.loading import InputError
     from tico.experimental.quantization.quantizer import QuantizationError
 
     try:
         yield
+    except DistributedError as exc:  # another rank failed (under torchrun): its error is in the message
+        raise CliError(str(exc), EXIT_QUANT) from exc
     except InputError as exc:
         raise CliError(str(exc), EXIT_LOAD) from exc
     except OutputError as exc:
@@ -73,36 +76,26 @@ def _too_short(args: argparse.Namespace, exc: ValueError, what: str) -> CliError
 
 # -- quantize -------------------------------------------------------------------------------------------------
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tico.experimental.quantization.export.publish import check_output
-    from tico.experimental.quantization.run.loading import load_tokenizer
-    from tico.experimental.quantization.run.schemes import build_config
-    from tico.experimental.quantization.run.workflow import calibration_set, quantize_to_folder
+    from tico.experimental.quantization.distributed import together
+    from tico.experimental.quantization.run.workflow import quantize_to_folder
 
     start = time.perf_counter()
-    recorded = apply_recipe(args, build_config)
-    check_required(args, "quantize", ("model", "dataset"))
-    _before_loading(args, "quantize")
-    config = recorded if recorded is not None else _build_config(args, build_config)
-    check_output(args.output)
-    check_ignore(args, model_config(args.model, args))
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    text = _text(args)
-    try:
-        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
-    except ValueError as exc:
-        raise _too_short(args, exc, "--samples") from None
-    try:
-        with _process_group(args) as rank:
+    with _process_group(args) as rank:
+        # Under torchrun a rank that fails alone here would leave the others waiting in the first collective:
+        # the checks end with an exchange of "ok or error", so every rank stops (docs/distributed.md).
+        with together("checking the arguments and inputs"):
+            recorded, config, calibration, tokenizer = _quantize_inputs(args)
+        try:
             result = quantize_to_folder(args.model, tokenizer, config, calibration, args.output, args.batch_size,
                                         args.dtype, args.device, args.trust_remote_code, _options(args, config),
                                         rotate=args.rotate, streaming=args.streaming)
-    except (OSError, ValueError) as exc:
-        # Raised while writing (export refusals, disk full): the staging folder is already removed.
-        from tico.experimental.quantization.quantizer import QuantizationError
+        except (OSError, ValueError) as exc:
+            # Raised while writing (export refusals, disk full): the staging folder is already removed.
+            from tico.experimental.quantization.quantizer import QuantizationError
 
-        if isinstance(exc, QuantizationError):
-            raise
-        raise CliError(f"cannot write {args.output}: {type(exc).__name__}: {exc}", EXIT_OUTPUT) from None
+            if isinstance(exc, QuantizationError):
+                raise
+            raise CliError(f"cannot write {args.output}: {type(exc).__name__}: {exc}", EXIT_OUTPUT) from None
     if rank != 0:  # one rank reports; rank 0 wrote the folder
         return 0
     if result.notes:
@@ -117,28 +110,68 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """quantize's checks, in the order of this module's docstring, and what they read: the config of --recipe
+    (or None), the config, the calibration set and the tokenizer."""
+    from tico.experimental.quantization.export.publish import check_output
+    from tico.experimental.quantization.run.loading import load_tokenizer
+    from tico.experimental.quantization.run.schemes import build_config
+    from tico.experimental.quantization.run.workflow import calibration_set
+
+    recorded = apply_recipe(args, build_config)
+    check_required(args, "quantize", ("model", "dataset"))
+    if _under_torchrun() and (not args.streaming or args.rotate != "none" or args.dtype != "auto"):
+        raise CliError("under torchrun only the streamed path runs (no --in-memory, --rotate or --dtype)", EXIT_ARGS)
+    if args.dist_timeout is not None and not _under_torchrun():
+        raise CliError("--dist-timeout: this run has one process (WORLD_SIZE is not above 1): start it with torchrun "
+                       "--nproc-per-node N, or leave the option out", EXIT_ARGS)
+    _before_loading(args, "quantize")
+    config = recorded if recorded is not None else _build_config(args, build_config)
+    check_output(args.output)
+    check_ignore(args, model_config(args.model, args))
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    text = _text(args)
+    try:
+        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
+    except ValueError as exc:
+        raise _too_short(args, exc, "--samples") from None
+    return recorded, config, calibration, tokenizer
+
+
+def _under_torchrun() -> bool:
+    """Started as one of several ranks (torchrun sets ``WORLD_SIZE``)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 @contextmanager
 def _process_group(args: argparse.Namespace) -> Iterator[int]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): a process group (``gloo`` on the CPU, ``nccl`` on CUDA, one device
     per rank) for the streamed pipeline, which splits the batches over the ranks and writes on rank 0; yields
-    this rank. The in-memory path would calibrate every rank on every batch, so it is refused there (exit 2)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    this rank. Started before quantize's checks, so that a check failing on one rank stops every rank; the
+    in-memory path would calibrate every rank on every batch, so it is refused among those checks (exit 2)."""
+    if not _under_torchrun():
         yield 0
         return
-    if not args.streaming or args.rotate != "none" or args.dtype != "auto":
-        raise CliError("under torchrun only the streamed path runs (no --in-memory, --rotate or --dtype)", EXIT_ARGS)
     import logging
+    import os
+    from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
     cuda = str(args.device).startswith("cuda")
     if cuda:
+        check_device("cuda")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         args.device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group("nccl" if cuda else "gloo")
+    timeout = None if args.dist_timeout is None else timedelta(seconds=args.dist_timeout)
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - a store timeout or a refused connection: one line, exit 5
+        raise CliError(f"the process group did not start (a rank missing, or MASTER_ADDR/MASTER_PORT unreachable): "
+                       f"{type(exc).__name__}: {exc}", EXIT_QUANT) from exc
     rank = dist.get_rank()
     if rank != 0:
         logging.getLogger("tico").setLevel(logging.ERROR)  # rank 0 logs and draws the progress

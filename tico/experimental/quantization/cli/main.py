@@ -216,6 +216,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
          help="load the whole model instead of streaming it block by block from its safetensors shards (the default "
               "streams: memory holds one block, and each block calibrates on the quantized outputs of the blocks "
               "before it; --rotate and --dtype other than auto always load it whole)")
+    q.add_argument("--dist-timeout", type=_number(float, 1, "a number of seconds, at least one"), default=None,
+                   metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others, to start and at each exchange, before it "
+                        "stops with exit 5 (a rank that died without an error; the process group's timeout) "
+                        "(default: torch's)")
     q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
                    help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
                         "(default: on for w8a8 schemes, off for smooth)")

@@ -23,8 +23,9 @@ Under a process group (``torchrun``; see docs/distributed.md) every rank is give
 contiguous share of them, in rank order (:func:`rank_share`): each block is calibrated and propagated on every
 rank's own share, and each ``convert`` reduces the statistics over the ranks first, so every rank converts the
 block one process would. The collectives are reached on every rank in the same order (the preflight's dry
-rest-of-model pass included); the local work between them runs inside ``distributed.together``, so a failure
-on one rank ends every rank with an error. Only rank 0 writes the output folder and reports progress.
+rest-of-model pass included); the local work before and between them (reading the checkpoint and the
+calibration batches included) runs inside ``distributed.together``, so a failure on one rank ends every rank
+with an error. Only rank 0 writes the output folder and reports progress.
 """
 
 from __future__ import annotations
@@ -134,11 +135,12 @@ def quantize_checkpoint(
             first block is quantized.
     """
     start = time.perf_counter()
-    if propagate not in ("quantized", "float"):
-        raise ValueError(f"propagate must be 'quantized' or 'float', got {propagate!r}")
-    batches = rank_share(list(calibration))
     writes_here = output_dir is not None and distributed.rank() == 0
+    # Everything before the first collective, reading the calibration batches included, fails on every rank.
     with distributed.together("preparing the streamed run"):
+        if propagate not in ("quantized", "float"):
+            raise ValueError(f"propagate must be 'quantized' or 'float', got {propagate!r}")
+        batches = rank_share(list(calibration))
         scope = get_scope(config)
         scope.check_streamable(writes=output_dir is not None)
         ckpt = Checkpoint(resolve_checkpoint(model_dir_or_id), attn_implementation)
