@@ -164,6 +164,27 @@ def _quantize(model, dataset, out, *extra):
     return main(["quantize", "--model", str(model), "--dataset", str(dataset), "--output", str(out), *extra])
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing shard"])
+def test_damaged_weights_are_exit_3_naming_the_file(damage, tiny_model_dir, text_file, tmp_path, capsys):
+    """A download cut short or a shard the index names but the folder lacks: a loading error naming the file,
+    found before any block is quantized (it was an 'unexpected error: a bug', or 'cannot write' the output)."""
+    import json
+
+    weights = tiny_model_dir / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        named = "model.safetensors"
+    else:
+        index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+        (tiny_model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        weights.unlink()
+        named = "model-00002-of-00002.safetensors"
+    out = tmp_path / "out"
+    assert _quantize(tiny_model_dir, text_file, out, "--samples", "2", "--seq-len", "32") == 3
+    assert named in _error(capsys)
+    assert not out.exists()
+
+
 def test_non_utf8_dataset_is_exit_3_naming_the_file(stories_dir, tmp_path, capsys):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)

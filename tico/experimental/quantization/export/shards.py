@@ -198,36 +198,55 @@ class ShardWriter:
 
 
 # -- reading -------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint folder whose weights cannot be read (none, pickle only, a shard missing or damaged); the
+    message names the file and what to do."""
+
+
 def safetensors_files(folder: str | Path) -> dict[str, Path]:
     """``tensor name -> shard path`` of a (sharded or single-file) safetensors checkpoint folder.
 
-    A folder with only pickle weights (``pytorch_model.bin``) is refused on purpose: unpickling runs code.
+    Every shard's header is read here, so a missing, truncated or foreign file is refused before any work starts
+    (not when its block comes). A folder with only pickle weights (``pytorch_model.bin``) is refused on purpose:
+    unpickling runs code.
     """
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
+            raise CheckpointError(f"{index} has no weight_map")
         files = {name: folder / file for name, file in weight_map.items()}
         missing = sorted({str(p) for p in files.values() if not p.is_file()})
         if missing:
-            raise FileNotFoundError(f"{index} names shards that do not exist: {missing[:3]}")
+            raise CheckpointError(f"{index} names shards that do not exist: {missing[:3]}")
+        for path in dict.fromkeys(files.values()):
+            _shard_names(path)
         return files
     single = folder / SINGLE_NAME
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _shard_names(single)}
     pickles = sorted(p.name for p in folder.glob("pytorch_model*.bin")) if folder.is_dir() else []
     if pickles:
-        raise ValueError(
+        raise CheckpointError(
             f"{folder} holds only pickle weights ({pickles[0]}), which are refused on purpose: unpickling runs "
             "arbitrary code. Convert it once in a trusted environment: "
             "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path_out, safe_serialization=True)"
         )
-    raise FileNotFoundError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}")
+    raise CheckpointError(f"{folder} has no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def _shard_names(path: Path) -> list[str]:
+    """The tensor names in one shard's header; a file safetensors cannot open (truncated, not safetensors) is
+    refused by name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); download "
+                              "or save the checkpoint again") from None
 
 
 def read_tensors(files: dict[str, Path], names: list[str] | None = None, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:

@@ -180,19 +180,22 @@ def _stream_to_folder(
     device: str, options: dict[str, Any],
 ) -> QuantizationResult:
     """The block-by-block path of :func:`quantize_to_folder`; the folder is published only when complete."""
+    from tico.experimental.quantization import distributed
     from tico.experimental.quantization.export.publish import check_output
+    from tico.experimental.quantization.export.shards import CheckpointError
     from tico.experimental.quantization.run.loading import InputError, hub_quiet
     from tico.experimental.quantization.pipeline import quantize_checkpoint
     from tico.experimental.quantization.pipeline.source import resolve_checkpoint
     from tico.experimental.quantization.quantizer import QuantizationError
 
     start = time.perf_counter()
-    try:
-        with hub_quiet(model_name):
-            folder = resolve_checkpoint(model_name)
-    except OSError as exc:
-        raise InputError(str(exc)) from None
-    check_output(output)
+    with distributed.together("finding the checkpoint"):  # under torchrun: a failure here stops every rank
+        try:
+            with hub_quiet(model_name):
+                folder = resolve_checkpoint(model_name)
+        except OSError as exc:
+            raise InputError(str(exc)) from None
+        check_output(output)
 
     def finish(staging: Path, stream: Any) -> None:
         result = QuantizationResult(None, stream)  # type: ignore[arg-type]
@@ -201,6 +204,8 @@ def _stream_to_folder(
     try:
         stream = quantize_checkpoint(folder, config, calibration.windows.split(batch_size), output, device=device,
                                      progress=True, before_publish=finish)
+    except CheckpointError as exc:  # the source's weights cannot be read: a loading error, not a quantization one
+        raise InputError(str(exc)) from None
     except (QuantizationError, OSError, InputError):
         raise
     except (ValueError, RuntimeError, TypeError) as exc:
