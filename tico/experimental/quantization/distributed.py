@@ -22,7 +22,10 @@ knows of is not exchanged again.
 from __future__ import annotations
 
 import dataclasses
+import time
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import torch
@@ -31,14 +34,49 @@ import torch.distributed as dist
 from tico.experimental.quantization.progress import track
 
 __all__ = [
-    "DistributedError", "Reducible", "active", "all_reduce_max", "all_reduce_sum", "broadcast_object",
+    "DistributedError", "Exchange", "Reducible", "active", "all_reduce_max", "all_reduce_sum", "broadcast_object",
     "gather_objects", "gather_rows_in_rank_order", "owners", "portable", "rank", "to_device", "reduce_statistics",
-    "split_work", "together", "world_size",
+    "recording", "split_work", "together", "world_size",
 ]
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 _TOLD = "_tico_every_rank_told"  # set on an exception every rank already knows of (see _shared)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One exchange of results between the ranks (in one process: the step that would be one), as this rank saw
+    it: seconds computing its part, seconds in the collective (transfer, and waiting for slower ranks), and for
+    :func:`split_work` the units of work there were and how many this rank computed."""
+
+    what: str
+    compute_s: float
+    exchange_s: float
+    units: int = 0
+    mine: int = 0
+
+
+_log: ContextVar[list[Exchange] | None] = ContextVar("tico_distributed_log", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[list[Exchange]]:
+    """Every exchange (statistics reduction, split planning) run inside this block, in order: what a benchmark
+    needs to tell the parallel part of convert and the collectives' cost from the rest. Nothing is recorded
+    outside such a block."""
+    log: list[Exchange] = []
+    token = _log.set(log)
+    try:
+        yield log
+    finally:
+        _log.reset(token)
+
+
+def _record(what: str, compute_s: float, exchange_s: float, units: int = 0, mine: int = 0) -> None:
+    log = _log.get()
+    if log is not None:
+        log.append(Exchange(what, compute_s, exchange_s, units, mine))
 
 
 class DistributedError(RuntimeError):
@@ -223,13 +261,17 @@ def reduce_statistics(items: Mapping[str, Reducible]) -> None:
         items[n].merge(per_item[n], [c[n] for c in contributions], memo)
 
 
-def _exchange(what: str, build: Any) -> list[Any]:
+def _exchange(what: str, build: Any, units: int = 0, mine_units: int = 0) -> list[Any]:
     """``build()`` on every rank, gathered in rank order; every rank raises if any rank's ``build`` raised."""
+    t0 = time.perf_counter()
     try:
         mine, error = build(), None
     except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
         mine, error = None, exc
-    return _shared(what, mine, error)
+    t1 = time.perf_counter()
+    gathered = _shared(what, mine, error)
+    _record(what, t1 - t0, time.perf_counter() - t1, units, mine_units)
+    return gathered
 
 
 def _shared(what: str, mine: Any, error: BaseException | None) -> list[Any]:
@@ -277,7 +319,10 @@ def split_work(what: str, keys: Sequence[K], costs: Sequence[float], compute: Ca
     if len(costs) != len(keys):
         raise ValueError(f"{what}: {len(keys)} keys but {len(costs)} costs")
     if not active():
-        return {k: compute(k) for k in (keys if progress is None else track(keys, progress))}
+        t0 = time.perf_counter()
+        done = {k: compute(k) for k in (keys if progress is None else track(keys, progress))}
+        _record(what, time.perf_counter() - t0, 0.0, len(keys), len(keys))
+        return done
     owner, me = owners(costs, world_size()), rank()
     mine = [k for k, o in zip(keys, owner) if o == me]
     local: dict[K, R] = {}
@@ -288,7 +333,7 @@ def split_work(what: str, keys: Sequence[K], costs: Sequence[float], compute: Ca
             local[k] = compute(k)
         return keys, {k: to_device(v, torch.device("cpu"), memo) for k, v in local.items()}
 
-    parts = _exchange(what, build)
+    parts = _exchange(what, build, len(keys), len(mine))
     if any(part_keys != keys for part_keys, _ in parts):  # every rank sees every list: all raise, or none
         raise _told(DistributedError(f"{what}: the ranks were given different units of work: prepare the same "
                                      "model with the same config on every rank"))
