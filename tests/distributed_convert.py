@@ -3,7 +3,9 @@
 Run as a script with torchrun's environment and ``OUT``: the ``w8a8-static`` default (alpha search, mse ranges,
 dynamic fallback, block objective) on a tiny Llama, calibrated on this rank's share, converted while counting the
 units of planning work this rank computes (:func:`counting`); the state_dict goes to ``OUT/convert.rank<r>.pt``
-and the counts to ``OUT/counts.rank<r>.json``. Then two converts in which rank 1 fails, inside its share of the
+and the counts to ``OUT/counts.rank<r>.json``; the recipes of :data:`RECIPES`, whose layers are rebuilt from
+decisions made on the other rank (in-quantizer smoothing and rotations, output-error ranges, more block-objective
+candidates), to ``OUT/<recipe>.rank<r>.pt``. Then two converts in which rank 1 fails, inside its share of the
 alpha searches and between two exchanges, and ``split_work`` with tensors (``OUT/<name>.rank<r>.json``).
 """
 
@@ -28,6 +30,31 @@ from tico.experimental.quantization.algorithm.w8a8 import alphas, block_objectiv
 from tico.experimental.quantization.algorithm.w8a8.planner import LayerPlanner  # noqa: E402
 
 CASE = ("llama", "w8a8-static")
+
+
+def _recipes() -> dict:
+    from tico.experimental.quantization.config.smoothquant import SmoothQuantConfig as SQ
+    from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
+
+    auto = SQ(alpha="auto", linear_producers=True)
+    return {
+        "in-quantizer": W8A8Config(smoothing=SQ(alpha="auto"), activations="static", act_range="mse",
+                                   tuning=W8A8Tuning(smooth_in_quantizer=True, rotate_in_quantizer=("down_proj",))),
+        "output-mse": W8A8Config(smoothing=auto, activations="static", act_range="output_mse", dynamic_fallback=4.0,
+                                 block_objective=True, tuning=W8A8Tuning(block_objective_alphas=(0.5,))),
+    }
+
+
+RECIPES = tuple(_recipes())
+
+
+def convert_recipe(recipe: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """:data:`RECIPES` ``recipe`` on the tiny Llama, calibrated on this rank's contiguous share of the batches."""
+    model = prepare(calib.zoo.build_model("llama"), _recipes()[recipe])
+    with torch.no_grad():
+        for ids in calib.share("w8a8-static", rank, world, calib.batches("llama")):
+            model(ids)
+    return {k: v.detach().clone() for k, v in convert(model).state_dict().items()}
 UNITS = {"alpha searches": (alphas, "search_alpha"), "ranges": (LayerPlanner, "static_range"),
          "trials": (block_objective, "trial_error")}
 
@@ -113,6 +140,8 @@ def main(out: Path) -> None:
         state, counts = counted_convert(rank, world)
         torch.save(state, out / f"convert.rank{rank}.pt")
         (out / f"counts.rank{rank}.json").write_text(json.dumps(counts))
+        for recipe in RECIPES:
+            torch.save(convert_recipe(recipe, rank, world), out / f"{recipe}.rank{rank}.pt")
         for where in ("share", "between"):
             (out / f"failure-{where}.rank{rank}.json").write_text(json.dumps(_failing(rank, where)))
         (out / f"tensors.rank{rank}.json").write_text(json.dumps(_tensors(rank)))

@@ -46,13 +46,28 @@ def test_each_rank_computes_only_its_share_of_the_planning(two_ranks, one_proces
         assert sum(shares) == n and min(shares) > 0, (unit, shares, n)
 
 
+def _same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rank: int) -> None:
+    assert list(got) == list(expected)
+    different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
+    assert not different, f"rank {rank}: {different[:5]}"
+
+
 def test_the_split_convert_is_the_one_process_convert(two_ranks, one_process):
     expected, _ = one_process
     for rank in range(2):
-        got = torch.load(two_ranks / f"convert.rank{rank}.pt")
-        assert list(got) == list(expected)
-        different = [k for k in expected if got[k].dtype != expected[k].dtype or not torch.equal(got[k], expected[k])]
-        assert not different, f"rank {rank}: {different[:5]}"
+        _same(torch.load(two_ranks / f"convert.rank{rank}.pt"), expected, rank)
+
+
+@pytest.mark.parametrize("recipe", dc.RECIPES)
+def test_layers_built_from_the_other_ranks_decisions_are_the_one_process_layers(two_ranks, recipe):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = dc.convert_recipe(recipe)
+    finally:
+        torch.set_num_threads(threads)
+    for rank in range(2):
+        _same(torch.load(two_ranks / f"{recipe}.rank{rank}.pt"), expected, rank)
 
 
 @pytest.mark.parametrize("where, step", [("share", "choosing alphas"), ("between", "planning int8 layers")])

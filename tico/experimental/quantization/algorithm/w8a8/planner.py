@@ -29,7 +29,7 @@ from tico.experimental.quantization.algorithm.smoothquant.scales import to_colum
 from tico.experimental.quantization.algorithm.w8a8 import dynamic_fallback, in_quantizer_rotation, shared_inputs
 from tico.experimental.quantization.algorithm.w8a8.alphas import in_quantizer_alpha_scales, in_quantizer_scales
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
-from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache, range_method
+from tico.experimental.quantization.algorithm.w8a8.ranges import RangeMethod, SketchCache, range_method
 from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant
 from tico.experimental.quantization.algorithm.w8a8.targets import smoothed_linear
@@ -228,7 +228,7 @@ class LayerPlanner:
             report.act_ranges[name] = r
         return layer, r
 
-    def _rotated_method(self):
+    def _rotated_method(self) -> tuple[RangeMethod | None, str | None]:
         """The range method of a rotated input and the note that says why it differs (None, None: dynamic)."""
         cfg = self.config
         if cfg.activations != "static":
