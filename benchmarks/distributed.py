@@ -16,9 +16,11 @@ layer decisions, block-objective trials; in one process the same units, all of t
 
 Projection for N ranks, from the 1-rank, 1-thread run: calibrate / N and propagate / N (each rank runs its share of
 the batches), load as measured (every rank loads the block), convert = its serial part (convert - split units) +
-split units / N + the collectives, taken as the 2-rank run's exchange seconds (per exchange the smallest over the
-ranks: the transfer without the wait for a slower rank) x (N - 1). The same formula at N = 2 is printed beside the
-measured 2-rank numbers, to show how far to trust it.
+split units / N + the collectives, from the 2-rank run's exchange seconds (per exchange the smallest over the
+ranks: the transfer without the wait for a slower rank): the statistics reduction x 2(N-1)/N (every rank receives
+the merged row samples, (N-1)/N of them from the others), the planning exchanges x (N - 1). It assumes a free core
+(or GPU) per rank. The same formula at N = 2 is printed beside the measured 2-rank numbers, to show how far to
+trust it.
 
     python benchmarks/distributed.py --small        # smoke test (tiny shapes, a few seconds per run)
     python benchmarks/distributed.py                # Llama-3.2-1B shapes, 2 layers
@@ -67,9 +69,9 @@ def measure(args: argparse.Namespace) -> None:
     for i, end in enumerate(marks):  # the exchanges between two blocks' ends belong to the later block's convert
         part, start = log[start:end], end
         blocks.append({**{k: result.phases[i].get(k, 0.0) for k in PHASES},
-                       "units_s": sum(e.compute_s for e in part if e.units),
+                       "units_s": sum(e.compute_s for e in part if e.kind == "planning"),
                        "units": sum(e.units for e in part), "mine": sum(e.mine for e in part),
-                       "exchanges": [e.exchange_s for e in part]})
+                       "exchanges": [(e.kind, e.exchange_s) for e in part]})
     report = {"blocks": blocks, "total_s": result.total_s, "capture_s": result.capture_s, "rest_s": result.rest_s}
     reports = distributed.gather_objects(report)
     if distributed.rank() == 0:
@@ -113,18 +115,22 @@ def mean_block(report: dict) -> dict[str, float]:
     return {k: sum(b[k] for b in blocks) / len(blocks) for k in keys}
 
 
-def collectives(reports: list[dict]) -> float:
-    """Seconds per block in the exchanges, per exchange the smallest over the ranks (the transfer itself)."""
+def collectives(reports: list[dict], kind: str) -> float:
+    """Seconds per block in the exchanges of ``kind``, per exchange the smallest over the ranks (the transfer
+    itself, without the wait for a slower rank)."""
     blocks = [r["blocks"] for r in reports]
     total = 0.0
     for i in range(len(blocks[0])):
-        total += sum(min(b[i]["exchanges"][j] for b in blocks) for j in range(len(blocks[0][i]["exchanges"])))
+        for j, (k, _) in enumerate(blocks[0][i]["exchanges"]):
+            if k == kind:
+                total += min(b[i]["exchanges"][j][1] for b in blocks)
     return total / len(blocks[0])
 
 
-def project(base: dict[str, float], collective_2: float, n: int) -> dict[str, float]:
+def project(base: dict[str, float], statistics_2: float, planning_2: float, n: int) -> dict[str, float]:
     """Seconds per block on ``n`` ranks from the 1-rank run (see the module docstring for the formula)."""
-    convert = base["convert"] - base["units_s"] + base["units_s"] / n + collective_2 * (n - 1)
+    collective = statistics_2 * 2 * (n - 1) / n + planning_2 * (n - 1)
+    convert = base["convert"] - base["units_s"] + base["units_s"] / n + collective
     return {"load": base["load"], "calibrate": base["calibrate"] / n, "convert": convert,
             "propagate": base["propagate"] / n, "units_s": base["units_s"] / n}
 
@@ -149,9 +155,9 @@ def summarize(results: dict[str, list[dict]], header: str) -> None:
     if "1x1" not in results or "2x1" not in results:
         return
     base, two = means["1x1"], results["2x1"]
-    coll = collectives(two)
-    print(row("projected 2 ranks (formula below)", project(base, coll, 2)))
-    print(row("projected 8 ranks", project(base, coll, 8)))
+    stats, planning = collectives(two, "statistics"), collectives(two, "planning")
+    print(row("projected 2 ranks (formula below)", project(base, stats, planning, 2)))
+    print(row("projected 8 ranks", project(base, stats, planning, 8)))
     block2, whole2 = sum(means["2x1"][k] for k in PHASES), max(r["total_s"] for r in two)
     print()
     for key in (k for k in ("1x1", "1x2") if k in results):
@@ -159,11 +165,15 @@ def summarize(results: dict[str, list[dict]], header: str) -> None:
               f"block, {max(r['total_s'] for r in results[key]) / whole2:.2f}x whole run (above 1: 2 ranks faster)")
     frac = base["units_s"] / base["convert"] if base["convert"] else 0.0
     b0 = two[0]["blocks"][0]
+    shares = " / ".join(f"{mean_block(r)['units_s']:.2f}" for r in two)
     print(f"convert's split units: {frac:.0%} of 1-rank convert ({b0['units']} units in block 0; rank 0 computed "
-          f"{b0['mine']}, rank 1 {two[1]['blocks'][0]['mine']}); collectives on 2 ranks {coll:.3f} s per block "
-          f"(per exchange the smallest over the ranks)")
-    print("projection: calibrate/N, propagate/N, load unchanged (every rank loads the block), convert = (convert - "
-          "split units) + split units/N + 2-rank collectives x (N-1), from the 1-rank, 1-thread run")
+          f"{b0['mine']}, rank 1 {two[1]['blocks'][0]['mine']}; seconds per block on rank 0 / rank 1: {shares})")
+    print(f"collectives on 2 ranks, per block (per exchange the smallest over the ranks): statistics reduction "
+          f"{stats:.3f} s, planning exchanges {planning:.3f} s")
+    print("projection from the 1-rank, 1-thread run: calibrate/N, propagate/N, load unchanged (every rank loads the "
+          "block), convert = (convert - split units) + split units/N + collectives; the statistics reduction as on 2 "
+          "ranks x 2(N-1)/N (each rank receives the merged samples' rows from the others: (N-1)/N of them), the "
+          "planning exchanges (small, latency-bound) as on 2 ranks x (N-1); it assumes a free core (or GPU) per rank")
 
 
 def main() -> None:

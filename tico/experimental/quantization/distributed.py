@@ -47,10 +47,12 @@ _TOLD = "_tico_every_rank_told"  # set on an exception every rank already knows 
 @dataclass(frozen=True)
 class Exchange:
     """One exchange of results between the ranks (in one process: the step that would be one), as this rank saw
-    it: seconds computing its part, seconds in the collective (transfer, and waiting for slower ranks), and for
+    it: ``kind`` (``"statistics"``: :func:`reduce_statistics`; ``"planning"``: :func:`split_work`), seconds
+    computing its part, seconds in the collective (transfer, and waiting for slower ranks), and for
     :func:`split_work` the units of work there were and how many this rank computed."""
 
     what: str
+    kind: str
     compute_s: float
     exchange_s: float
     units: int = 0
@@ -73,10 +75,10 @@ def recording() -> Iterator[list[Exchange]]:
         _log.reset(token)
 
 
-def _record(what: str, compute_s: float, exchange_s: float, units: int = 0, mine: int = 0) -> None:
+def _record(what: str, kind: str, compute_s: float, exchange_s: float, units: int = 0, mine: int = 0) -> None:
     log = _log.get()
     if log is not None:
-        log.append(Exchange(what, compute_s, exchange_s, units, mine))
+        log.append(Exchange(what, kind, compute_s, exchange_s, units, mine))
 
 
 class DistributedError(RuntimeError):
@@ -261,7 +263,7 @@ def reduce_statistics(items: Mapping[str, Reducible]) -> None:
         items[n].merge(per_item[n], [c[n] for c in contributions], memo)
 
 
-def _exchange(what: str, build: Any, units: int = 0, mine_units: int = 0) -> list[Any]:
+def _exchange(what: str, build: Any, kind: str = "statistics", units: int = 0, mine_units: int = 0) -> list[Any]:
     """``build()`` on every rank, gathered in rank order; every rank raises if any rank's ``build`` raised."""
     t0 = time.perf_counter()
     try:
@@ -270,7 +272,7 @@ def _exchange(what: str, build: Any, units: int = 0, mine_units: int = 0) -> lis
         mine, error = None, exc
     t1 = time.perf_counter()
     gathered = _shared(what, mine, error)
-    _record(what, t1 - t0, time.perf_counter() - t1, units, mine_units)
+    _record(what, kind, t1 - t0, time.perf_counter() - t1, units, mine_units)
     return gathered
 
 
@@ -321,7 +323,7 @@ def split_work(what: str, keys: Sequence[K], costs: Sequence[float], compute: Ca
     if not active():
         t0 = time.perf_counter()
         done = {k: compute(k) for k in (keys if progress is None else track(keys, progress))}
-        _record(what, time.perf_counter() - t0, 0.0, len(keys), len(keys))
+        _record(what, "planning", time.perf_counter() - t0, 0.0, len(keys), len(keys))
         return done
     owner, me = owners(costs, world_size()), rank()
     mine = [k for k, o in zip(keys, owner) if o == me]
@@ -333,7 +335,7 @@ def split_work(what: str, keys: Sequence[K], costs: Sequence[float], compute: Ca
             local[k] = compute(k)
         return keys, {k: to_device(v, torch.device("cpu"), memo) for k, v in local.items()}
 
-    parts = _exchange(what, build, len(keys), len(mine))
+    parts = _exchange(what, build, "planning", len(keys), len(mine))
     if any(part_keys != keys for part_keys, _ in parts):  # every rank sees every list: all raise, or none
         raise _told(DistributedError(f"{what}: the ranks were given different units of work: prepare the same "
                                      "model with the same config on every rank"))
