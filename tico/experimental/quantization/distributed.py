@@ -7,24 +7,78 @@ same numbers and converts the same model. Everything here is torch.distributed's
 CPU, ``nccl`` on CUDA: tensors go through the current CUDA device there); without a process group (or with one
 rank) every helper is the identity, so the single-process path runs the same code.
 
+Planning can be split too (:func:`split_work`): independent units of work (an alpha search, a layer's range and
+mode, a trial forward) are given to the ranks by a deterministic greedy bin packing on an estimated cost
+(:func:`owners`), each rank computes its own, and one exchange gives every rank every result.
+
 Failures: a collective waits for every rank, so a rank that raises while the others wait would hang them. Local
 work that may raise is therefore followed by an exchange of "ok or error" (:func:`together`,
-:func:`reduce_statistics`): a failure on one rank ends every rank with :class:`DistributedError`.
+:func:`reduce_statistics`, :func:`split_work`): a failure on one rank ends every rank with
+:class:`DistributedError`. All these exchanges send the same ``(status, payload)`` pairs, so a rank that fails
+before an exchange inside :func:`together` meets the others at that exchange, and an error every rank already
+knows of is not exchanged again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Protocol
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from tico.experimental.quantization.progress import track
+
 __all__ = [
-    "DistributedError", "Reducible", "active", "all_reduce_max", "all_reduce_sum", "broadcast_object",
-    "gather_objects", "gather_rows_in_rank_order", "portable", "rank", "to_device", "reduce_statistics", "together", "world_size",
+    "DistributedError", "Exchange", "Reducible", "active", "all_reduce_max", "all_reduce_sum", "broadcast_object",
+    "gather_objects", "gather_rows_in_rank_order", "owners", "portable", "rank", "to_device", "reduce_statistics",
+    "recording", "split_work", "together", "world_size",
 ]
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+_TOLD = "_tico_every_rank_told"  # set on an exception every rank already knows of (see _shared)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One exchange of results between the ranks (in one process: the step that would be one), as this rank saw
+    it: ``kind`` (``"statistics"``: :func:`reduce_statistics`; ``"planning"``: :func:`split_work`), seconds
+    computing its part, seconds in the collective (transfer, and waiting for slower ranks), and for
+    :func:`split_work` the units of work there were and how many this rank computed."""
+
+    what: str
+    kind: str
+    compute_s: float
+    exchange_s: float
+    units: int = 0
+    mine: int = 0
+
+
+_log: ContextVar[list[Exchange] | None] = ContextVar("tico_distributed_log", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[list[Exchange]]:
+    """Every exchange (statistics reduction, split planning) run inside this block, in order: what a benchmark
+    needs to tell the parallel part of convert and the collectives' cost from the rest. Nothing is recorded
+    outside such a block."""
+    log: list[Exchange] = []
+    token = _log.set(log)
+    try:
+        yield log
+    finally:
+        _log.reset(token)
+
+
+def _record(what: str, kind: str, compute_s: float, exchange_s: float, units: int = 0, mine: int = 0) -> None:
+    log = _log.get()
+    if log is not None:
+        log.append(Exchange(what, kind, compute_s, exchange_s, units, mine))
 
 
 class DistributedError(RuntimeError):
@@ -137,20 +191,24 @@ def gather_rows_in_rank_order(x: torch.Tensor) -> torch.Tensor:
 
 def _check(error: BaseException | None, what: str) -> None:
     """Exchange "ok or error" with every rank; raise if another rank failed (the failing one re-raises its own)."""
-    sent = None if error is None else f"{type(error).__name__}: {error}"
-    failed = [(r, m) for r, m in enumerate(gather_objects(sent)) if m is not None and r != rank()]
-    if error is not None:
-        raise error
-    if failed:
-        r, message = failed[0]
-        raise DistributedError(f"{what}: rank {r} of {world_size()} failed, so this rank stops too: {message}")
+    _shared(what, None, error)
+
+
+def _told(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as known to every rank: :func:`together` re-raises it without another exchange."""
+    try:
+        setattr(exc, _TOLD, True)
+    except AttributeError:  # an exception type without attributes: told again, harmlessly, if no rank waits
+        pass
+    return exc
 
 
 @contextmanager
 def together(what: str) -> Iterator[None]:
     """Run the block on every rank; if it raises on any rank, every rank raises (no rank waits forever).
 
-    Without a process group this is a plain block.
+    The block may hold exchanges of its own (:func:`split_work`): a rank that fails before one of them meets the
+    others there with its error, and everyone stops. Without a process group this is a plain block.
     """
     if not active():
         yield
@@ -158,7 +216,8 @@ def together(what: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:  # noqa: BLE001 - re-raised by _check after telling the other ranks
-        _check(exc, what)
+        if not getattr(exc, _TOLD, False):
+            _check(exc, what)
         raise
     _check(None, what)
 
@@ -204,18 +263,82 @@ def reduce_statistics(items: Mapping[str, Reducible]) -> None:
         items[n].merge(per_item[n], [c[n] for c in contributions], memo)
 
 
-def _exchange(what: str, build: Any) -> list[Any]:
+def _exchange(what: str, build: Any, kind: str = "statistics", units: int = 0, mine_units: int = 0) -> list[Any]:
     """``build()`` on every rank, gathered in rank order; every rank raises if any rank's ``build`` raised."""
+    t0 = time.perf_counter()
     try:
         mine, error = build(), None
     except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
         mine, error = None, exc
+    t1 = time.perf_counter()
+    gathered = _shared(what, mine, error)
+    _record(what, kind, t1 - t0, time.perf_counter() - t1, units, mine_units)
+    return gathered
+
+
+def _shared(what: str, mine: Any, error: BaseException | None) -> list[Any]:
+    """Every rank's ``("ok", mine)`` or ``("error", message)``, in rank order: the one form every exchange sends.
+    Raises on every rank if any rank sent an error: the failing rank its own, the others :class:`DistributedError`
+    (both marked as known to every rank)."""
     sent = ("error", f"{type(error).__name__}: {error}") if error is not None else ("ok", mine)
     gathered = gather_objects(sent)
     if error is not None:
-        raise error
+        raise _told(error)
     failed = [(r, payload) for r, (status, payload) in enumerate(gathered) if status == "error"]
     if failed:
         r, message = failed[0]
-        raise DistributedError(f"{what}: rank {r} of {world_size()} failed, so this rank stops too: {message}")
+        raise _told(DistributedError(f"{what}: rank {r} of {world_size()} failed, so this rank stops too: {message}"))
     return [payload for _, payload in gathered]
+
+
+def owners(costs: Sequence[float], world: int) -> list[int]:
+    """Per unit of work (its estimated ``costs``), the rank that computes it: greedy bin packing, the costliest
+    unit first onto the least loaded rank (ties: the earlier unit, the lower rank). A function of the costs alone,
+    so every rank computes the same assignment without an exchange."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += float(costs[i])
+    return owner
+
+
+def split_work(what: str, keys: Sequence[K], costs: Sequence[float], compute: Callable[[K], R],
+               device: torch.device | None = None, progress: str | None = None) -> dict[K, R]:
+    """``compute(key)`` for every key, each computed once on one rank; every rank returns all the results.
+
+    Each rank computes the keys :func:`owners` gives it (``costs``: an estimate per key, the same on every rank),
+    then one exchange gives every rank the others' results: pickled on the CPU, moved to ``device`` (where the
+    rank's model is: nccl runs one GPU per rank), or left on the CPU without one. A rank's own results are
+    returned as computed. Without a process group every key is computed here, in order: the same results.
+    ``progress`` names the step this rank's share is reported under (:func:`~.progress.track`).
+
+    Raises on every rank if ``compute`` raises on any rank (the failing rank its own error, the others
+    :class:`DistributedError`), or if the ranks were not given the same keys.
+    """
+    keys = list(keys)
+    if len(costs) != len(keys):
+        raise ValueError(f"{what}: {len(keys)} keys but {len(costs)} costs")
+    if not active():
+        t0 = time.perf_counter()
+        done = {k: compute(k) for k in (keys if progress is None else track(keys, progress))}
+        _record(what, "planning", time.perf_counter() - t0, 0.0, len(keys), len(keys))
+        return done
+    owner, me = owners(costs, world_size()), rank()
+    mine = [k for k, o in zip(keys, owner) if o == me]
+    local: dict[K, R] = {}
+
+    def build() -> tuple[list[K], dict[K, Any]]:
+        memo: dict = {}
+        for k in mine if progress is None else track(mine, progress):
+            local[k] = compute(k)
+        return keys, {k: to_device(v, torch.device("cpu"), memo) for k, v in local.items()}
+
+    parts = _exchange(what, build, "planning", len(keys), len(mine))
+    if any(part_keys != keys for part_keys, _ in parts):  # every rank sees every list: all raise, or none
+        raise _told(DistributedError(f"{what}: the ranks were given different units of work: prepare the same "
+                                     "model with the same config on every rank"))
+    memo: dict = {}
+    return {k: local[k] if o == me else (parts[o][1][k] if device is None else to_device(parts[o][1][k], device, memo))
+            for k, o in zip(keys, owner)}

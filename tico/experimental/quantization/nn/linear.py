@@ -352,9 +352,7 @@ class W8A8Linear(nn.Module):
         return x.dtype if x.dtype in _FLOAT_OUT else torch.float32
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
-        # Rounding to int8 has no gradient, and the fused kernels write into their outputs (out=), which autograd
-        # refuses when the input carries a graph (a model called outside torch.no_grad()): detach, as the maths does.
-        x = x.detach()
+        x = x.detach()  # int8 rounding has no gradient, and out= kernels refuse inputs with a graph (no no_grad())
         rt = self._runtime(x.device)
         out_dtype = self._out_dtype(x)
         if rt.act_scale is None:

@@ -265,21 +265,30 @@ def choose(
     attention: dict[str, dict[str, float]] | None = None, attention_attr: str | None = None,
 ) -> dict[str, BlockChoice]:
     """Per block (``block -> the producers of its switchable groups``), the candidate with the smallest
-    block-output error on the recorded calls (the first candidate on ties or when nothing was recorded)."""
+    block-output error on the recorded calls (the first candidate on ties or when nothing was recorded).
+
+    Each trial (a block, a candidate) is a unit of work: under a process group the trials are split over the ranks
+    (cost: the block's parameters x its recorded tokens) and their errors exchanged."""
+    calls = {b: recorder.calls.get(b, []) for b in blocks}
+    tokens = {b: sum(c.hidden.numel() // c.hidden.shape[-1] for c in calls[b]) for b in blocks}
+    trials = [(b, i) for b in blocks if calls[b] for i in range(len(candidates))]
+    size = {b: sum(p.numel() for p in model.get_submodule(b).parameters()) for b in blocks}
+    errors = distributed.split_work(
+        "block objective trials", trials, [float(size[b] * tokens[b]) for b, _ in trials],
+        lambda t: trial_error(model, t[0], candidates[t[1]], calls[t[0]], attention, attention_attr))
     choices = {}
     for block, groups in blocks.items():
-        calls = recorder.calls.get(block, [])
-        tokens = sum(c.hidden.numel() // c.hidden.shape[-1] for c in calls)
-        if not calls:
+        if not calls[block]:
             choices[block] = BlockChoice(block, candidates[0].name, {}, groups, 0)
             continue
-        errors = {c.name: trial_error(model, block, c, calls, attention, attention_attr) for c in candidates}
-        def rank(c: Candidate) -> tuple[float, int]:  # NaN (a diverged trial) never wins
-            e = errors[c.name]
-            return (math.inf if math.isnan(e) else e, candidates.index(c))
+        measured = {c.name: errors[(block, i)] for i, c in enumerate(candidates)}
 
-        best = min(candidates, key=rank).name
-        choices[block] = BlockChoice(block, best, errors, groups, tokens)
+        def rank(i: int) -> tuple[float, int]:  # NaN (a diverged trial) never wins
+            e = measured[candidates[i].name]
+            return (math.inf if math.isnan(e) else e, i)
+
+        best = candidates[min(range(len(candidates)), key=rank)].name
+        choices[block] = BlockChoice(block, best, measured, groups, tokens[block])
     return choices
 
 

@@ -56,12 +56,13 @@ def rotated_range_method(act_range: str, percentile: float) -> tuple[RangeMethod
 
 def rotated_layer(
     name: str, linear: nn.Linear, sample: torch.Tensor | None, smooth: torch.Tensor | None, method: RangeMethod | None,
-    weights: str, backend: str, quantize_weight,
+    weights: str, backend: str, quantize_weight, act_range: float | None = None,
 ) -> tuple[nn.Module, float | None]:
     """A layer whose (smoothed) input is rotated inside the quantizer, and its static range (None: dynamic).
 
     ``method`` None: dynamic per-token activations; otherwise the static range is chosen by ``method`` from the
-    rotated sample (the full-data abs-max of a rotated input is not known from per-channel statistics)."""
+    rotated sample (the full-data abs-max of a rotated input is not known from per-channel statistics), or is
+    ``act_range`` when given (a range chosen before, on this rank or another: ``sample`` is not read)."""
     blocks = random_rotation(linear.in_features, name).to(linear.weight.device)
     weight = linear.weight.detach().float() * (1.0 if smooth is None else smooth.to(linear.weight.device))
     rotated = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -70,8 +71,8 @@ def rotated_layer(
         rotated.weight.copy_(rotate(weight, blocks).to(linear.weight.dtype))
         if linear.bias is not None:
             rotated.bias.copy_(linear.bias)
-    r = None
-    if method is not None:
+    r = act_range if method is not None else None
+    if method is not None and r is None:
         x = rotate(sample.float(), blocks.to(sample.device))
         w = rotated.weight.float()
         r = method.choose(x, float(x.abs().max()), weight=w, weight_q=quantize_weight(w) if method.per_weight else None)

@@ -11,12 +11,14 @@ A layer is planned in five small steps, each named after what it decides:
 5. the int8 layer itself (:meth:`W8A8Linear.from_linear`).
 
 :meth:`LayerPlanner.plan_layers` plans a set of layers, then gives layers that read one tensor one activation
-quantization (:mod:`.shared_inputs`).
+quantization (:mod:`.shared_inputs`). Steps 1-4 are the layer's :class:`LayerDecision` (its searches: the costly
+part); step 5 builds the layer from it (:meth:`LayerPlanner.build`). Under a process group the layers' decisions
+are split over the ranks and exchanged, and every rank builds every layer from them: the layers one process plans.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,16 +27,16 @@ from tico.experimental.quantization.algorithm.smoothquant.groups import Smoothin
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.algorithm.smoothquant.scales import to_columns
 from tico.experimental.quantization.algorithm.w8a8 import dynamic_fallback, in_quantizer_rotation, shared_inputs
-from tico.experimental.quantization.algorithm.w8a8.alphas import in_quantizer_alpha_scales
+from tico.experimental.quantization.algorithm.w8a8.alphas import in_quantizer_alpha_scales, in_quantizer_scales
 from tico.experimental.quantization.algorithm.w8a8.observer import SampledChannelObserver
-from tico.experimental.quantization.algorithm.w8a8.ranges import SketchCache, range_method
+from tico.experimental.quantization.algorithm.w8a8.ranges import RangeMethod, SketchCache, range_method
 from tico.experimental.quantization.algorithm.w8a8.report import W8A8Report
 from tico.experimental.quantization.algorithm.w8a8.search import DeployedQuant
 from tico.experimental.quantization.algorithm.w8a8.targets import smoothed_linear
+from tico.experimental.quantization import distributed
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.nn.qscheme import range_to_scale
-from tico.experimental.quantization.progress import track
 from tico.experimental.quantization.structure.producers import linear_output_axis
 
 
@@ -60,6 +62,24 @@ class LayerInput:
     smooth: torch.Tensor | None  # the in-quantizer smoothing scale (None: none, or folded by the producer)
 
 
+@dataclass
+class LayerDecision:
+    """What planning one layer decided, and the report entries that say so: small and picklable, so a layer
+    planned on one rank is built, identically, on every rank (:meth:`LayerPlanner.build`)."""
+
+    dynamic: bool  # per-token activations
+    act_range: float | None  # the static range (None: dynamic)
+    alpha: float | None = None  # the in-quantizer smoothing alpha (``tuning.smooth_in_quantizer``; None: none)
+    report: W8A8Report = field(default_factory=W8A8Report)  # this layer's alphas, act_ranges, act_modes, notes
+
+
+def add_entries(report: W8A8Report, part: W8A8Report) -> None:
+    """``part``'s per-layer entries added to ``report`` (in order: as if planned into ``report`` directly)."""
+    for mine, theirs in ((report.alphas, part.alphas), (report.act_ranges, part.act_ranges),
+                         (report.act_modes, part.act_modes), (report.notes, part.notes)):
+        mine.update(theirs)
+
+
 class LayerPlanner:
     """Plans W8A8 replacements of layers from the observers of one calibration and a smoothing plan."""
 
@@ -76,8 +96,20 @@ class LayerPlanner:
     def plan_layers(
         self, names: list[str], smoothing: ScalePlan | None, report: W8A8Report, label: str
     ) -> dict[str, nn.Module]:
-        """Plan ``names``, then give the layers that read one tensor one activation quantization."""
-        layers = {name: self.plan(name, smoothing, report) for name in track(names, label)}
+        """Plan ``names``, then give the layers that read one tensor one activation quantization. Each layer's
+        decision is a unit of work split over the ranks of a process group (:func:`~...distributed.split_work`);
+        a rank builds the layers it did not decide from the exchanged decisions."""
+        built: dict[str, nn.Module] = {}
+
+        def decide(name: str) -> LayerDecision:
+            decision, built[name] = self.decide(name, smoothing)
+            return decision
+
+        decisions = distributed.split_work(label, names, [self.cost(n) for n in names], decide, progress=label)
+        layers = {}
+        for name in names:
+            layers[name] = built.pop(name) if name in built else self.build(name, smoothing, decisions[name])
+            add_entries(report, decisions[name].report)
         groups = shared_inputs.shared_input_groups(self.config, names, self.observers, self.folded_by, smoothing)
         shared_inputs.unify(layers, groups, lambda n, **imposed: self.plan(n, smoothing, report, **imposed), report)
         for name, layer in layers.items():  # GPT-2's Conv1D: exported in its checkpoints' [in, out] layout
@@ -85,28 +117,65 @@ class LayerPlanner:
                 layer.weight_stored_transposed = True
         return layers
 
+    def cost(self, name: str) -> float:
+        """An estimate of deciding layer ``name``: its searches score sampled (and, with ``dynamic_fallback``, the
+        largest) rows through its weight, rows x in x out; what the split over ranks balances."""
+        obs = self.observers[name]
+        rows = 1 if obs.rows_sample is None else obs.rows_sample.shape[0]
+        massive = getattr(obs, "massive_rows", None)
+        rows += 0 if massive is None else massive.shape[0]
+        return float(rows * self.model.get_submodule(name).weight.numel())
+
     def plan(
         self, name: str, smoothing: ScalePlan | None, report: W8A8Report,
         dynamic: bool | None = None, act_range: float | None = None,
     ) -> nn.Module:
-        """The finished replacement of layer ``name``. ``dynamic``/``act_range`` impose the mode or the static
-        range (a set of layers reading one tensor)."""
+        """The finished replacement of layer ``name``, its report entries added to ``report``. ``dynamic``/
+        ``act_range`` impose the mode or the static range (a set of layers reading one tensor)."""
+        decision, layer = self.decide(name, smoothing, dynamic, act_range)
+        add_entries(report, decision.report)
+        return layer
+
+    def decide(
+        self, name: str, smoothing: ScalePlan | None, dynamic: bool | None = None, act_range: float | None = None,
+    ) -> tuple[LayerDecision, nn.Module]:
+        """Steps 1-4 for layer ``name`` (its searches), and the layer built on the way (step 5)."""
         cfg = self.config
+        part = W8A8Report()
         linear = smoothed_linear(self.sq, self.model, name, smoothing)
-        inp = self.layer_input(name, linear, smoothing, report)
+        inp = self.layer_input(name, linear, smoothing, part)
+        alpha = part.alphas.get(name)
         if in_quantizer_rotation.matches(name, cfg.tuning.rotate_in_quantizer):
-            return self.rotated(name, linear, inp, report)
+            layer, r = self.rotated(name, linear, inp, part)
+            return LayerDecision(r is None, r, alpha, part), layer
         r = act_range
         if r is None and cfg.activations == "static" and not dynamic:
             r = self.static_range(name, linear, inp)
         if r is not None:
-            report.act_ranges[name] = r
+            part.act_ranges[name] = r
         if dynamic is None and act_range is None:
-            dynamic = self.dynamic(name, linear, inp, r, report)
+            dynamic = self.dynamic(name, linear, inp, r, part)
+        decision = LayerDecision(bool(dynamic), None if dynamic else r, alpha, part)
+        return decision, self._int8(linear, decision, inp.smooth)
+
+    def build(self, name: str, smoothing: ScalePlan | None, decision: LayerDecision) -> nn.Module:
+        """Step 5 alone: layer ``name`` from a decision made here or on another rank (no search runs)."""
+        linear = smoothed_linear(self.sq, self.model, name, smoothing)
+        smooth = None if decision.alpha is None else in_quantizer_scales(linear, self.observers[name])(decision.alpha)
+        if in_quantizer_rotation.matches(name, self.config.tuning.rotate_in_quantizer):
+            method = self._rotated_method()[0]
+            return in_quantizer_rotation.rotated_layer(
+                name, linear, None, smooth, None if decision.dynamic else method, self.config.weights,
+                self.config.tuning.backend, self.quant.quantize_weight, act_range=decision.act_range)[0]
+        return self._int8(linear, decision, smooth)
+
+    def _int8(self, linear: nn.Linear, decision: LayerDecision, smooth: torch.Tensor | None) -> W8A8Linear:
+        r = decision.act_range
         return W8A8Linear.from_linear(
-            linear, weight_granularity=cfg.weights, act_granularity="per_token" if dynamic else "per_tensor",
-            act_scale=None if dynamic or r is None else range_to_scale(r), smooth_scale=inp.smooth,
-            backend=cfg.tuning.backend,
+            linear, weight_granularity=self.config.weights,
+            act_granularity="per_token" if decision.dynamic else "per_tensor",
+            act_scale=None if decision.dynamic or r is None else range_to_scale(r), smooth_scale=smooth,
+            backend=self.config.tuning.backend,
         )
 
     def layer_input(self, name: str, linear: nn.Linear, smoothing: ScalePlan | None, report: W8A8Report) -> LayerInput:
@@ -147,16 +216,21 @@ class LayerPlanner:
                                                   self.config.dynamic_fallback, self.config.weights, report)
         return mode == "dynamic"
 
-    def rotated(self, name: str, linear: nn.Linear, inp: LayerInput, report: W8A8Report) -> nn.Module:
-        """Step 2, the rotation: the layer finished by :mod:`.in_quantizer_rotation` (its own range rule)."""
-        cfg = self.config
-        method, note = None, None
-        if cfg.activations == "static":
-            method, note = in_quantizer_rotation.rotated_range_method(cfg.act_range, cfg.tuning.percentile)
+    def rotated(self, name: str, linear: nn.Linear, inp: LayerInput, report: W8A8Report) -> tuple[nn.Module, float | None]:
+        """Step 2, the rotation: the layer finished by :mod:`.in_quantizer_rotation` (its own range rule), and its
+        static range (None: dynamic)."""
+        method, note = self._rotated_method()
         if note is not None:
             report.notes[name] = note
-        layer, r = in_quantizer_rotation.rotated_layer(name, linear, inp.sample, inp.smooth, method, cfg.weights,
-                                                      cfg.tuning.backend, self.quant.quantize_weight)
+        layer, r = in_quantizer_rotation.rotated_layer(name, linear, inp.sample, inp.smooth, method, self.config.weights,
+                                                      self.config.tuning.backend, self.quant.quantize_weight)
         if r is not None:
             report.act_ranges[name] = r
-        return layer
+        return layer, r
+
+    def _rotated_method(self) -> tuple[RangeMethod | None, str | None]:
+        """The range method of a rotated input and the note that says why it differs (None, None: dynamic)."""
+        cfg = self.config
+        if cfg.activations != "static":
+            return None, None
+        return in_quantizer_rotation.rotated_range_method(cfg.act_range, cfg.tuning.percentile)

@@ -12,6 +12,12 @@ This module is the lifecycle only; each decision lives in a module named after i
   embedding; the attention scales), **validate** the whole plan (one error naming every offending module), then
   **apply** it in four journaled steps (:mod:`.apply`). Any error, before or during apply, leaves the model
   exactly as it was, still prepared.
+
+Under a process group the costly parts of planning are split over the ranks, each unit computed once and the
+decisions exchanged (``distributed.split_work``): the alpha search per smoothing group (:mod:`.alphas`), each
+layer's decision (range, mode, in-quantizer alpha; :mod:`.planner`, the block objective's candidates included)
+and the block objective's trial forwards (:mod:`.block_objective`). Every rank then applies the same plan, the
+one a single process makes.
 """
 
 from __future__ import annotations
