@@ -39,7 +39,9 @@ ALPHAS = W8A8Config(smoothing=SQ, activations="dynamic", block_objective=True,
 
 def _models():
     return {"massive_llama": (massive_llama, [CALIB[i:i + 4] for i in range(0, 16, 4)]),
-            "zoo_llama": (lambda: build_model("llama"), [input_ids("llama", batch=2, seq=16, seed=s) for s in range(3)])}
+            "zoo_llama": (lambda: build_model("llama"), [input_ids("llama", batch=2, seq=16, seed=s) for s in range(3)]),
+            # GPT-2's blocks get the KV cache positionally (calls with use_cache on): recorded without it
+            "zoo_gpt2": (lambda: build_model("gpt2"), [input_ids("gpt2", batch=2, seq=16, seed=s) for s in range(3)])}
 
 
 def _quantize(build, batches, config):
@@ -66,7 +68,7 @@ def _errors(model, calls) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("key,config", [("massive_llama", OBJECTIVE), ("massive_llama", HARSH), ("zoo_llama", OBJECTIVE),
-                                        ("massive_llama", ALPHAS)])
+                                        ("zoo_gpt2", OBJECTIVE), ("massive_llama", ALPHAS)])
 def test_each_block_gets_the_candidate_with_the_smallest_measured_block_output_error(key, config):
     build, batches = _models()[key]
     chosen, quantizer, calls = _quantize(build, batches, config)

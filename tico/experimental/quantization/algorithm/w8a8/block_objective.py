@@ -166,7 +166,10 @@ class BlockRecorder:
             kept = {k: (None if _is_state(k, v) else v) for k, v in kwargs.items()}
             if "use_cache" in kept:
                 kept["use_cache"] = False
-            call = RecordedCall(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kept)
+            # some models pass the cache positionally (GPT-2's blocks): it is dropped there too
+            positional = tuple(None if _is_state("", a) else a.detach() if isinstance(a, torch.Tensor) else a
+                               for a in args)
+            call = RecordedCall(positional, kept)
             self._pending[name] = call
             hidden = call.hidden
             self._seen[name] += hidden.numel() // max(hidden.shape[-1], 1)
