@@ -19,7 +19,6 @@ are bit-identical, and calibration / convert seconds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("smooth", "w8a8-dynamic", "w8a8-static")
+
+
+def scores(model, reference_logits, evaluation) -> tuple[float, float]:
+    """Perplexity on ``evaluation`` and the mean KL of the model's next-token distribution to the reference's."""
+    import torch
+
+    logp = torch.log_softmax(reference_logits(model, evaluation)[:, :-1], -1)
+    nll = -logp.gather(-1, evaluation[:, 1:, None]).mean()
+    ref = torch.log_softmax(reference_logits[:, :-1], -1)
+    kl = (ref.exp() * (ref - logp)).sum(-1).mean()
+    return float(nll.exp()), float(kl)
+
+
+def reference_logits(model, evaluation):
+    """The model's fp32 logits on each evaluation window."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(w[None]).logits.float() for w in evaluation])
+
+
+def digest(tensors) -> str:
+    """A short hash of named tensors (names and bytes): equal digests, bit-identical weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # -- the child: runs inside one commit's worktree (PYTHONPATH), imports only what both commits have -------------
@@ -53,28 +85,9 @@ def child(inputs: Path, paths: list[str], threads: int, out: Path) -> None:
     data = torch.load(inputs)
     rows = []
 
-    def scores(model, reference_logits, evaluation):
-        with torch.no_grad():
-            logits = torch.cat([model(w[None]).logits.float() for w in evaluation])
-        logp = torch.log_softmax(logits[:, :-1], -1)
-        nll = -logp.gather(-1, evaluation[:, 1:, None]).mean()
-        ref = torch.log_softmax(reference_logits[:, :-1], -1)
-        kl = (ref.exp() * (ref - logp)).sum(-1).mean()
-        return float(nll.exp()), float(kl)
-
-    def digest(tensors):
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name].detach().contiguous().cpu()
-            h.update(name.encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-
     for name, spec in data.items():
         load = lambda: AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval()  # noqa: E731
-        float_model = load()
-        with torch.no_grad():
-            reference = torch.cat([float_model(w[None]).logits.float() for w in spec["evaluation"]])
+        reference = reference_logits(load(), spec["evaluation"])
         batches = list(spec["calibration"].split(8))
         for scheme in SCHEMES:
             if "memory" in paths:

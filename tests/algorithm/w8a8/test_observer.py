@@ -134,3 +134,41 @@ def test_calibrating_after_a_merge_goes_back_to_this_ranks_own_statistics(monkey
     assert obs.calls == 3
     obs.observe(batches[2])  # this rank's own three batches, not the merged ones plus one
     assert obs.calls == 3 and _as_set(obs.rows_sample) == _as_set(_reference_sample(batches[:3], 30))
+
+
+def test_sample_seed_picks_other_rows_and_keeps_every_statistic_but_the_sample():
+    """W8A8Tuning.sample_seed reaches every layer's observer: another seed, another sample of the same rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from zoo import build_model, input_ids
+
+    from tico.experimental.quantization import get_quantizer, prepare
+    from tico.experimental.quantization.config.w8a8 import W8A8Config, W8A8Tuning
+
+    def observers(seed):
+        model = prepare(build_model("llama"), W8A8Config(activations="static", tuning=W8A8Tuning(calibration_rows=8,
+                                                                                               sample_seed=seed)))
+        with torch.no_grad():
+            model(input_ids("llama", batch=2, seq=16))
+        return get_quantizer(model).observers
+
+    first, again, other = observers(0), observers(0), observers(7)
+    assert first.keys() == other.keys() and all(o.seed == 7 for o in other.values())
+    differ = 0
+    for name in first:
+        assert torch.equal(first[name].absmax, other[name].absmax)
+        assert torch.equal(first[name].rows_sample, again[name].rows_sample)  # a seed is reproducible
+        differ += not torch.equal(first[name].rows_sample, other[name].rows_sample)
+    assert differ == len(first)  # 32 rows, 8 kept: another seed keeps other rows in every layer
+
+
+def test_sample_seed_must_be_a_non_negative_integer():
+    import pytest
+
+    from tico.experimental.quantization.config.w8a8 import W8A8Tuning
+
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="sample_seed"):
+            W8A8Tuning(sample_seed=bad)

@@ -61,6 +61,8 @@ class W8A8Tuning:
             calibration sample).
         calibration_rows: rows (tokens) per observed tensor kept as a uniform sample for ``act_range`` other
             than ``"absmax"``, ``alpha="auto"``, ``dynamic_fallback`` and in-quantizer rotations.
+        sample_seed: seed of the calibration row sample (the rows the searches, MSE ranges and ``dynamic_fallback``
+            score). Choices made from a sample depend on which rows it holds: another seed shows by how much.
         block_objective_tokens: tokens per block recorded for ``block_objective`` (whole calibration calls are
             recorded until this many tokens).
         block_objective_alphas: more ``block_objective`` candidates: each alpha, for all of a block's switchable
@@ -86,6 +88,7 @@ class W8A8Tuning:
     percentile: float = 99.99
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
     calibration_rows: int = 2048
+    sample_seed: int = 0
     block_objective_tokens: int = 1024
     block_objective_alphas: tuple[float, ...] = ()
     smooth_in_quantizer: bool = False
@@ -98,6 +101,8 @@ class W8A8Tuning:
             raise ValueError(f"W8A8Tuning.percentile must be in (0, 100], got {self.percentile!r}")
         object.__setattr__(self, "alpha_grid", _alphas(self.alpha_grid, "W8A8Tuning.alpha_grid", empty=False))
         _positive_int(self.calibration_rows, "W8A8Tuning.calibration_rows")
+        if not isinstance(self.sample_seed, int) or isinstance(self.sample_seed, bool) or self.sample_seed < 0:
+            raise ValueError(f"W8A8Tuning.sample_seed must be an integer >= 0, got {self.sample_seed!r}")
         _positive_int(self.block_objective_tokens, "W8A8Tuning.block_objective_tokens")
         alphas = _alphas(self.block_objective_alphas, "W8A8Tuning.block_objective_alphas", empty=True)
         object.__setattr__(self, "block_objective_alphas", alphas)

@@ -110,7 +110,8 @@ class W8A8Quantizer(BaseQuantizer):
         rows = self.config.tuning.calibration_rows if needs_samples(self.config) else 0
         observer = dynamic_fallback.MassiveRowObserver if self.config.mixed_modes else SampledChannelObserver
         for name in self.targets:
-            self.observers[name] = observer(weight_rows(model.get_submodule(name)).shape[1], rows)
+            self.observers[name] = observer(weight_rows(model.get_submodule(name)).shape[1], rows,
+                                            seed=self.config.tuning.sample_seed)
             self.points[name] = ObservationPoint(name, "input", 0)
 
     def _uninstall_attention(self, model: nn.Module) -> None:
