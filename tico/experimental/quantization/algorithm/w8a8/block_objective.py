@@ -70,7 +70,6 @@ HOOK_ATTRS = ("_forward_pre_hooks", "_forward_hooks")
 CANDIDATES = ("searched", "unsmoothed")
 
 
-
 def _is_state(key: str, value: Any) -> bool:
     return key in STATE_KWARGS or any(t.__name__ in STATE_CLASSES for t in type(value).__mro__)
 
@@ -166,10 +165,9 @@ class BlockRecorder:
             kept = {k: (None if _is_state(k, v) else v) for k, v in kwargs.items()}
             if "use_cache" in kept:
                 kept["use_cache"] = False
-            # some models pass the cache positionally (GPT-2's blocks): it is dropped there too
-            positional = tuple(None if _is_state("", a) else a.detach() if isinstance(a, torch.Tensor) else a
-                               for a in args)
-            call = RecordedCall(positional, kept)
+            args = tuple(None if _is_state("", a) else a.detach() if isinstance(a, torch.Tensor) else a
+                         for a in args)  # a cache passed positionally (GPT-2's blocks) is dropped too
+            call = RecordedCall(args, kept)
             self._pending[name] = call
             hidden = call.hidden
             self._seen[name] += hidden.numel() // max(hidden.shape[-1], 1)
