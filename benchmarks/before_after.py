@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = ("smooth", "w8a8-dynamic", "w8a8-static")
 
 
-def scores(model, reference_logits, evaluation) -> tuple[float, float]:
+def scores(model, reference, evaluation) -> tuple[float, float]:
     """Perplexity on ``evaluation`` and the mean KL of the model's next-token distribution to the reference's."""
     import torch
 
     logp = torch.log_softmax(reference_logits(model, evaluation)[:, :-1], -1)
     nll = -logp.gather(-1, evaluation[:, 1:, None]).mean()
-    ref = torch.log_softmax(reference_logits[:, :-1], -1)
+    ref = torch.log_softmax(reference[:, :-1], -1)
     kl = (ref.exp() * (ref - logp)).sum(-1).mean()
     return float(nll.exp()), float(kl)
 
