@@ -55,3 +55,16 @@ def test_report_summary_and_plot_names_agree(both_runs):
         consumers = plot_title(r).split("  ")[0].removeprefix("input of ")
         parent, names = consumers.split(": ")
         assert path.name.startswith(f"outliers_{i:02d}_{parent}.") and all(n in path.name for n in names.split(", "))
+
+
+def test_report_takes_quantizes_recipe_options_and_shows_what_they_decide(stories_dir, tinystories_text, tmp_path):
+    """The options that change quantize's decisions are report's options too (they were refused: 'unrecognized')."""
+    common = ["--model", str(stories_dir), "--dataset", str(tinystories_text), *OPTIONS, "--alpha", "0.65",
+              "--no-block-objective", "--dynamic-fallback", "off", "--ignore", "model.layers.1.mlp.down_proj"]
+    assert main(["quantize", *common, "--output", str(tmp_path / "q")]) == 0
+    assert main(["report", *common, "--output", str(tmp_path / "r")]) == 0
+    recipe = json.loads((tmp_path / "q" / "tico_recipe.json").read_text())
+    rows = json.loads((tmp_path / "r" / "outliers.json").read_text())
+    shown = {r["producer"]: r["alpha"] for r in rows if r["alpha"] is not None}
+    assert shown == recipe["alphas"] and set(shown.values()) == {0.65}
+    assert not any(r["dynamic"] for r in rows) and not recipe.get("block_choices")

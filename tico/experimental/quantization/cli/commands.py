@@ -270,7 +270,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     _before_loading(args, "report")
     config = _build_config(args, build_config)
     check_output(args.output)
-    model_config(args.model, args)
+    check_ignore(args, model_config(args.model, args))
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     try:
         calibration = calibration_set(tokenizer, _text(args), args.seq_len, args.samples, _source(args))
@@ -279,7 +279,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     # quantize's own path and options (see run/report.py): the decisions shown are the ones quantize takes
     run = report_run(args.model, tokenizer, config, calibration, batch_size=args.batch_size, dtype=args.dtype,
                      device=args.device, trust_remote_code=args.trust_remote_code,
-                     rotate=getattr(args, "rotate", "none"), streaming=getattr(args, "streaming", True))
+                     rotate=args.rotate, streaming=args.streaming)
     summary: list[str] = []
     write_atomically(args.output, lambda folder: summary.append(write_report_folder(run, folder, args.plots)))
     out(summary[0])

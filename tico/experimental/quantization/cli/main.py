@@ -176,6 +176,41 @@ def _sub(sub: argparse._SubParsersAction, name: str, summary: str, epilog: str, 
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """The options that decide what quantize does: report takes them too, so it shows the decisions quantize takes."""
+    p.add_argument("--alpha", type=_alpha, default=None,
+                   help="migration strength in [0, 1], or auto: searched per group with the int8 quantizer "
+                        "(needs a w8a8 scheme) (default: auto for w8a8 schemes, 0.5 for smooth)")
+    _opt(p, "--act-range", choices=ACT_RANGES, default="mse",
+         help="how static activation scales are chosen (w8a8-static only): absmax of the calibration data, mse (the "
+              "clip with the least quantization error), output_mse, percentile (default: %(default)s)")
+    _opt(p, "--ignore", action="append", default=[], metavar="MODULE",
+         help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes; checked "
+              "against the checkpoint's tensor names before loading (default: none; the LM head always stays float)")
+    _opt(p, "--rotate", choices=["none", "fused", "online", "online-only"], default="none",
+         help="fused: rotate the residual stream and each head's values by Hadamard matrices folded into the float "
+              "weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a run-time Hadamard "
+              "on down_proj inputs (w8a8 schemes; exported as a compressed-tensors transform_config, which a loader "
+              "must apply); online-only: that run-time Hadamard alone (default: %(default)s)")
+    p.add_argument("--dynamic-fallback", type=_budget_or_off, default=None, metavar="B|off",
+                   help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
+                        "(massive activations, e.g. the attention-sink token) runs dynamic per token instead, together "
+                        "with the layers reading the same input; each choice is printed and recorded "
+                        "(default: 16 for w8a8-static; off: every layer static)")
+    p.add_argument("--block-objective", action=argparse.BooleanOptionalAction, default=None,
+                   help="w8a8 schemes: per decoder block, keep the searched smoothing or none, whichever quantized block "
+                        "reproduces the float block's output best on the first calibration tokens (meant for models "
+                        "with massive activations); each choice is printed and recorded "
+                        "(default: on for w8a8-static, off for w8a8-dynamic)")
+    _opt(p, "--in-memory", dest="streaming", action="store_false", default=True,
+         help="load the whole model instead of streaming it block by block from its safetensors shards (the default "
+              "streams: memory holds one block, and each block calibrates on the quantized outputs of the blocks "
+              "before it; --rotate and --dtype other than auto always load it whole)")
+    p.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
+                   help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
+                        "(default: on for w8a8 schemes, off for smooth)")
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     scheme_help = "; ".join(f"{k}: {v}" for k, v in SCHEME_HELP.items())
     q = _sub(sub, "quantize", "calibrate, smooth and quantize a model; save the checkpoint", QUANTIZE_EPILOG,
@@ -188,42 +223,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     _opt(q, "--samples", type=_positive, default=128,
          help="calibration windows, taken from the start of the text (default: %(default)s)")
     _opt(q, "--batch-size", type=_positive, default=4, help="windows per calibration forward (default: %(default)s)")
-    q.add_argument("--alpha", type=_alpha, default=None,
-                   help="migration strength in [0, 1], or auto: searched per group with the int8 quantizer "
-                        "(needs a w8a8 scheme) (default: auto for w8a8 schemes, 0.5 for smooth)")
-    _opt(q, "--act-range", choices=ACT_RANGES, default="mse",
-         help="how static activation scales are chosen (w8a8-static only): absmax of the calibration data, mse (the "
-              "clip with the least quantization error), output_mse, percentile (default: %(default)s)")
-    _opt(q, "--ignore", action="append", default=[], metavar="MODULE",
-         help="keep this module (or every module under this name) in float; repeatable; w8a8 schemes; checked "
-              "against the checkpoint's tensor names before loading (default: none; the LM head always stays float)")
-    _opt(q, "--rotate", choices=["none", "fused", "online", "online-only"], default="none",
-         help="fused: rotate the residual stream and each head's values by Hadamard matrices folded into the float "
-              "weights first (exact; Llama/Mistral/Qwen/Gemma-like RMSNorm models); online: also a run-time Hadamard "
-              "on down_proj inputs (w8a8 schemes; exported as a compressed-tensors transform_config, which a loader "
-              "must apply); online-only: that run-time Hadamard alone (default: %(default)s)")
-    q.add_argument("--dynamic-fallback", type=_budget_or_off, default=None, metavar="B|off",
-                   help="w8a8-static: a layer whose static output error exceeds B times its dynamic per-token error "
-                        "(massive activations, e.g. the attention-sink token) runs dynamic per token instead, together "
-                        "with the layers reading the same input; each choice is printed and recorded "
-                        "(default: 16 for w8a8-static; off: every layer static)")
-    q.add_argument("--block-objective", action=argparse.BooleanOptionalAction, default=None,
-                   help="w8a8 schemes: per decoder block, keep the searched smoothing or none, whichever quantized block "
-                        "reproduces the float block's output best on the first calibration tokens (meant for models "
-                        "with massive activations); each choice is printed and recorded "
-                        "(default: on for w8a8-static, off for w8a8-dynamic)")
-    _opt(q, "--in-memory", dest="streaming", action="store_false", default=True,
-         help="load the whole model instead of streaming it block by block from its safetensors shards (the default "
-              "streams: memory holds one block, and each block calibrates on the quantized outputs of the blocks "
-              "before it; --rotate and --dtype other than auto always load it whole)")
+    _add_recipe_options(q)
     q.add_argument("--dist-timeout", type=_number(float, 1, "a number of seconds, at least one"), default=None,
                    metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others, to start and at each exchange, before it "
                         "stops with exit 5 (a rank that died without an error; the process group's timeout) "
                         "(default: torch's)")
-    q.add_argument("--no-linear-producers", dest="linear_producers", action="store_false", default=None,
-                   help="smooth norm->Linear groups only (the paper's), not v_proj->o_proj and up_proj->down_proj "
-                        "(default: on for w8a8 schemes, off for smooth)")
     q.set_defaults(command_name="quantize")
 
 
@@ -245,8 +250,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
          help="the scheme whose smoothing is reported, as for quantize (default: %(default)s)")
     _opt(r, "--samples", type=_positive, default=32, help="calibration windows (default: %(default)s)")
     _opt(r, "--batch-size", type=_positive, default=4, help="windows per forward (default: %(default)s)")
-    r.add_argument("--alpha", type=_alpha, default=None,
-                   help="migration strength in [0, 1], or auto (needs a w8a8 scheme) (default: as quantize: auto)")
+    _add_recipe_options(r)
     _opt(r, "--plots", type=_non_negative, default=4,
          help="PNG plots of the groups with the largest outliers (default: %(default)s)")
     r.set_defaults(command_name="report")
