@@ -388,10 +388,24 @@ def test_hub_dataset_options_with_a_local_file_are_errors(argv, needle, text_fil
     assert needle in _error(capsys)
 
 
-def test_eval_skips_the_calibration_tokens_recorded_by_quantize(tiny_model_dir, text_file, tmp_path, capsys):
+def test_eval_leaves_out_the_calibration_windows_recorded_by_quantize(tiny_model_dir, text_file, tmp_path, capsys):
+    import json
+
     out = tmp_path / "q"
     assert _quantize(tiny_model_dir, text_file, out, "--samples", "3", "--seq-len", "32") == 0
-    capsys.readouterr()
+    assert "calibrated on 3 windows spread over tokens" in capsys.readouterr().out
+    recipe = out / "tico_recipe.json"
+    calibration = json.loads(recipe.read_text())["calibration"]
+    ranges = calibration["token_ranges"]
+    assert calibration["selection"] == "spread" and len(ranges) == 3 and ranges[0] == [0, 31]  # BOS + 31 tokens each
+    assert all(b - a == 31 for a, b in ranges) and ranges[-1][0] > 10 * 31  # spread: not the first windows
+    assert calibration["end_token"] == ranges[-1][1]
+    assert main(["eval", "--model", str(out), "--dataset", str(text_file), "--seq-len", "32", "--max-windows", "2"]) == 0
+    assert "share no token with the 3 calibration windows of this text" in capsys.readouterr().out
+    data = json.loads(recipe.read_text())  # a recipe written before the windows were spread: the first 96 tokens
+    del data["calibration"]["token_ranges"]
+    data["calibration"].update(first_token=0, end_token=96)
+    recipe.write_text(json.dumps(data))
     assert main(["eval", "--model", str(out), "--dataset", str(text_file), "--seq-len", "32", "--max-windows", "2"]) == 0
     assert "scoring from token 96: tokens 0-96 of this text calibrated" in capsys.readouterr().out
     assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--seq-len", "32",
