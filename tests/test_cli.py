@@ -32,7 +32,9 @@ def tiny_model_dir(tmp_path, stories_dir):
 @pytest.mark.parametrize("scheme", ["smooth", "w8a8-dynamic", "w8a8-static"])
 def test_quantize_then_eval_on_the_real_model(scheme, stories_dir, tinystories_text, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--samples", "8",
+    # 32 windows spread over the text: with 8 (1024 tokens) static W8A8 lands anywhere in +2.4..+5% on these 4
+    # windows depending on which windows calibrate (the first 8, next to the scored ones, happened to be luckiest)
+    code = main(["quantize", "--model", str(stories_dir), "--dataset", str(tinystories_text), "--samples", "32",
                  "--seq-len", "128", "--scheme", scheme, "--output", str(out)])
     assert code == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
