@@ -621,6 +621,21 @@ def test_recipe_reproduces_the_run_byte_for_byte(stories_dir, tinystories_text, 
     assert "(the config of --recipe)" in capsys.readouterr().out
 
 
+def test_a_recipe_written_before_windows_were_spread_replays_on_the_first_windows(tiny_model_dir, text_file, tmp_path):
+    import json
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert _quantize(tiny_model_dir, text_file, first, "--samples", "3", "--seq-len", "32", "--scheme", "w8a8-dynamic") == 0
+    recipe = first / "tico_recipe.json"
+    data = json.loads(recipe.read_text())
+    assert data["calibration"]["selection"] == "spread"
+    data["calibration"]["selection"] = "the first windows of the text's token stream (one BOS at its start)"
+    recipe.write_text(json.dumps(data))
+    assert main(["quantize", "--recipe", str(recipe), "--output", str(again)]) == 0
+    replayed = json.loads((again / "tico_recipe.json").read_text())["calibration"]
+    assert replayed["selection"] == "first" and replayed["token_ranges"] == [[0, 31], [31, 62], [62, 93]]
+
+
 def test_recipe_missing_is_one_line_exit_2(tmp_path, capsys):
     assert main(["quantize", "--recipe", str(tmp_path / "nope.json"), "--output", str(tmp_path / "o")]) == 2
     assert "--recipe" in (line := _error(capsys)) and "does not exist" in line

@@ -76,7 +76,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.export.publish import check_output
     from tico.experimental.quantization.run.loading import load_tokenizer
     from tico.experimental.quantization.run.schemes import build_config
-    from tico.experimental.quantization.run.workflow import calibration_set, quantize_to_folder
+    from tico.experimental.quantization.run.workflow import SELECTION, calibration_set, quantize_to_folder
 
     start = time.perf_counter()
     recorded = apply_recipe(args, build_config)
@@ -88,7 +88,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     text = _text(args)
     try:
-        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
+        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args),
+                                      getattr(args, "calibration_selection", SELECTION))  # a --recipe's own windows
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
     try:
