@@ -30,9 +30,10 @@ and again in-process with that one attribute patched (rows ``patched``).
 
 ``--model PATH --ppl`` (perplexity mode): the checkpoints users get from the model in ``PATH`` (head size >= 32):
 ``tico-sq quantize --scheme w8a8-static`` and ``--scheme w8a8-dynamic`` with their defaults (the streamed path;
-``--quantize library`` quantizes in memory instead), calibrated on the first ``--calib`` x ``--seq-len`` windows of
+``--quantize library`` quantizes in memory instead), calibrated on ``--calib`` x ``--seq-len`` windows spread over
 ``--calib-text`` (default WikiText-2 valid); then ``--eval`` windows of ``--eval-text`` (default the start of
-WikiText-2 test; after the calibration windows when it is the same text) are scored by vLLM (``prompt_logprobs``),
+WikiText-2 test; windows sharing no token with the calibration windows when it is the same text) are scored by
+vLLM (``prompt_logprobs``),
 by ``load_compressed`` and by the float model. Every window begins as the model's tokenizer begins a text (its
 BOS where it adds one), as in the library's ``token_windows``. Printed: the perplexities, served relative to
 measured (``vLLM/ours``), max/mean per-token log-prob gap, the share of tokens over 1e-4, the same for the ulp
@@ -345,7 +346,7 @@ def cli_checkpoints(folder: Path, out: Path, calib_text: Path, n_calib: int, seq
                     rotations: tuple[str, ...] = ("none",), schemes: tuple[str, ...] = ("static", "dynamic"),
                     ) -> tuple[dict[str, Path], dict[str, Any]]:
     """The checkpoints users get: ``tico-sq quantize --scheme w8a8-<scheme>`` with the scheme's defaults (streamed
-    block by block, the first ``n_calib`` windows of ``calib_text``, each beginning as the tokenizer begins a
+    block by block, ``n_calib`` windows spread over ``calib_text``, each beginning as the tokenizer begins a
     text), once per (rotation, scheme); ``out/<name>`` (:func:`checkpoint_name`) and its per-layer activation
     modes read from the ``tico_recipe.json`` the command writes. The command's output goes to
     ``out/quantize-<name>.log``."""
@@ -422,12 +423,16 @@ def gaps(a: list[list[float]], b: list[list[float]]) -> list[float]:
 
 def evaluation_windows(tokenizer, calib_text: Path, eval_text: Path, seq_len: int, n_calib: int, n_eval: int):
     """The first ``n_eval`` windows of ``eval_text`` (each beginning with the tokenizer's BOS where it adds one);
-    when it is the calibration text itself, the windows start after the first ``n_calib`` (those calibrated on)."""
-    from tico.experimental.quantization.evaluation.data import read_text, text_tokens_per_window, token_windows
+    when it is the calibration text itself, the first ``n_eval`` that share no token with the ``n_calib`` windows
+    ``tico-sq quantize`` calibrates on (``run.workflow.calibration_set``: spread over the text)."""
+    from tico.experimental.quantization.evaluation.data import read_text, token_windows, windows_outside
+    from tico.experimental.quantization.run.workflow import calibration_set
 
-    same = Path(eval_text).resolve() == Path(calib_text).resolve()
-    start = n_calib * text_tokens_per_window(tokenizer, seq_len) if same else 0
-    return token_windows(tokenizer, read_text(eval_text), seq_len, n_eval, start=start)
+    text = read_text(eval_text)
+    if Path(eval_text).resolve() != Path(calib_text).resolve():
+        return token_windows(tokenizer, text, seq_len, n_eval)
+    used = calibration_set(tokenizer, text, seq_len, n_calib).token_ranges
+    return windows_outside(tokenizer, text, seq_len, used)[:n_eval]
 
 
 def ppl_check(work: Path, vllm_python: str, folder: Path, n_calib: int = 32, n_eval: int = 16, seq_len: int = 256,

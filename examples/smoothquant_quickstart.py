@@ -2,7 +2,8 @@
 
 Offline (defaults): the real tiny Llama in ../shared/data/stories260K-hf, calibrated on the TinyStories text it
 was trained on (calibrating a model on text unlike its training text makes any perplexity look broken).
-Perplexity is measured on the windows that follow the calibration windows. Online: any Hugging Face model id.
+Perplexity is measured on windows that share no token with the calibration windows (which are spread
+over the text). Online: any Hugging Face model id.
 
     python examples/smoothquant_quickstart.py                              # smoothing only: outputs unchanged
     python examples/smoothquant_quickstart.py --w8a8 static --output /tmp/tico-out/example-w8a8   # int8, saved
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tico.experimental.quantization.run.calibration import quantize_model
-from tico.experimental.quantization.evaluation import perplexity, read_text
+from tico.experimental.quantization.evaluation import perplexity, read_text, windows_outside
 from tico.experimental.quantization.evaluation.outliers import decisions_summary
 from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 from tico.experimental.quantization.run.schemes import build_config
@@ -49,7 +50,7 @@ def main() -> None:
     model = load_model(args.model)
     text = read_text(args.text)
     calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, {"dataset": str(Path(args.text).resolve())})
-    held_out = text_after(tokenizer, text, calibration.end_token)
+    held_out = windows_outside(tokenizer, text, args.seq_len, calibration.token_ranges)[:8].reshape(-1)
     before = perplexity(model, None, held_out, seq_len=args.seq_len, max_windows=8).ppl
     with torch.no_grad():
         reference = model(calibration.windows[:1]).logits
@@ -63,7 +64,7 @@ def main() -> None:
     print(result.summary())               # alphas, static ranges, layers kept in float
 
     after = perplexity(result.model, None, held_out, seq_len=args.seq_len, max_windows=8).ppl
-    print(f"perplexity on the {min(8, held_out.numel() // args.seq_len)} windows after calibration: float {before:.4f} -> "
+    print(f"perplexity on {held_out.numel() // args.seq_len} windows held out from calibration: float {before:.4f} -> "
           f"{scheme} {after:.4f} ({100 * (after / before - 1):+.2f}%)")
     if not args.w8a8:
         with torch.no_grad():
@@ -73,13 +74,6 @@ def main() -> None:
     if args.output:
         save_quantized(result, tokenizer, args.output, run_metadata(result, config, calibration, {"scheme": scheme}))
         print(f"saved to {args.output}")
-
-
-def text_after(tokenizer, text: str, first_token: int) -> torch.Tensor:
-    """The text's token stream (one BOS at its start) from ``first_token`` on: disjoint from calibration."""
-    from tico.experimental.quantization.evaluation import tokenize_text
-
-    return tokenize_text(tokenizer, text)[first_token:]
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from tico.experimental.quantization.evaluation import (
     read_text,
     token_windows,
     tokenize_text,
+    window_picks,
+    windows_outside,
 )
 
 SEQ = 256
@@ -119,6 +121,42 @@ def test_too_short_text_is_refused_with_the_numbers(tokenizer):
         cut_windows(ids, SEQ, num_windows=4)
     with pytest.raises(ValueError, match="text too short"):
         perplexity(torch.nn.Identity(), None, ids[:100], seq_len=SEQ)
+
+
+def test_spread_picks_cover_the_whole_text_evenly_and_without_a_seed():
+    picks = window_picks(1000, 8, "spread")
+    assert picks.tolist() == [0, 125, 250, 375, 500, 625, 750, 875]  # evenly over the text, from its first window
+    assert torch.equal(picks, window_picks(1000, 8, "spread", seed=7))  # deterministic: no seed involved
+    assert window_picks(5, 5, "spread").tolist() == [0, 1, 2, 3, 4]  # as many as there are: every window, once
+    assert window_picks(10, 3, "first").tolist() == [0, 1, 2]
+    random = window_picks(1000, 8, "random", seed=1)
+    assert random.tolist() == sorted(set(random.tolist())) and torch.equal(random, window_picks(1000, 8, "random", seed=1))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        window_picks(10, 2, "middle")
+    with pytest.raises(ValueError, match="room for only 3"):
+        window_picks(3, 4)
+
+
+def test_spread_calibration_windows_are_grid_windows_over_the_whole_text(tokenizer, text):
+    head = text[:60_000]
+    grid = token_windows(tokenizer, head, SEQ)
+    spread = calibration_windows(tokenizer, head, SEQ, num_windows=4, selection="spread")
+    assert torch.equal(spread, grid[window_picks(grid.size(0), 4, "spread")])
+    assert torch.equal(spread[0], grid[0]) and not torch.equal(spread[-1], grid[3])  # from the start to the end
+
+
+def test_windows_outside_leave_out_every_window_that_shares_a_token_with_the_ranges(tokenizer, text):
+    head = text[:60_000]
+    grid = token_windows(tokenizer, head, SEQ)
+    step = SEQ - 1  # stream tokens per window (each begins with the BOS)
+    kept = windows_outside(tokenizer, head, SEQ, [(0, step), (3 * step + 10, 3 * step + 11), (5 * step, 7 * step)])
+    left = [k for k in range(grid.size(0)) if k not in (0, 3, 5, 6)]
+    assert torch.equal(kept, grid[left])  # a range touching one token of window 3 removes window 3, not 2 or 4
+    assert torch.equal(windows_outside(tokenizer, head, SEQ, []), grid)
+    shifted = windows_outside(tokenizer, head, SEQ, [(0, 2 * step)], start=step)  # windows from token step on
+    assert torch.equal(shifted, token_windows(tokenizer, head, SEQ, start=2 * step))
+    with pytest.raises(ValueError, match="overlaps the 1 excluded"):
+        windows_outside(tokenizer, head, SEQ, [(0, 10**9)])
 
 
 def test_calibration_windows_are_reproducible_disjoint_grid_windows(tokenizer, text):

@@ -29,6 +29,18 @@ def test_read_recipe_returns_the_config_and_the_options_that_repeat_the_run(tmp_
                               "batch_size": 2, "dataset": "/t.txt", "samples": 8, "seq_len": 64}
 
 
+@pytest.mark.parametrize("recorded, replayed", [
+    ("spread", "spread"), ("first", "first"), ("random", "random"),
+    ("the first windows of the text's token stream (one BOS at its start)", "first"),  # written before spreading
+    (None, None), ("something else", None),
+])
+def test_a_replay_takes_the_recorded_runs_calibration_windows(recorded, replayed, tmp_path):
+    calibration = {"dataset": "/t.txt", "windows": 8, "seq_len": 64, "selection": recorded}
+    (tmp_path / "tico_recipe.json").write_text(json.dumps({"config": config_to_dict(build_config("w8a8-static")),
+                                                           "calibration": calibration}))
+    assert read_recipe(tmp_path).options.get("calibration_selection") == replayed
+
+
 @pytest.mark.parametrize("content, needle", [
     (None, "does not exist"),
     ("not json", "cannot be read"),

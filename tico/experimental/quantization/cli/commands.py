@@ -106,7 +106,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out(checkpoint_engines(args.output))  # which loaders/engines compute this checkpoint correctly
     source = " (the config of --recipe)" if recorded is not None else ""
     out(f"saved {args.scheme} checkpoint to {args.output}{source} in {time.perf_counter() - start:.1f}s "
-        f"(calibrated on tokens 0-{calibration.end_token} of {args.dataset}; recorded in tico_recipe.json)")
+        f"(calibrated on {calibration.windows.size(0)} windows spread over tokens 0-{calibration.end_token} of "
+        f"{args.dataset}; recorded in tico_recipe.json)")
     return 0
 
 
@@ -116,7 +117,7 @@ def _quantize_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from tico.experimental.quantization.export.publish import check_output
     from tico.experimental.quantization.run.loading import load_tokenizer
     from tico.experimental.quantization.run.schemes import build_config
-    from tico.experimental.quantization.run.workflow import calibration_set
+    from tico.experimental.quantization.run.workflow import SELECTION, calibration_set
 
     recorded = apply_recipe(args, build_config)
     check_required(args, "quantize", ("model", "dataset"))
@@ -132,7 +133,8 @@ def _quantize_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     text = _text(args)
     try:
-        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args))
+        calibration = calibration_set(tokenizer, text, args.seq_len, args.samples, _source(args),
+                                      getattr(args, "calibration_selection", SELECTION))  # a --recipe's own windows
     except ValueError as exc:
         raise _too_short(args, exc, "--samples") from None
     return recorded, config, calibration, tokenizer
@@ -210,7 +212,7 @@ def _build_config(args: argparse.Namespace, build_config: Any) -> Any:
 # -- eval -----------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     from tico.experimental.quantization.export.publish import read_run_metadata
-    from tico.experimental.quantization.evaluation import perplexity, token_windows, tokenize_text
+    from tico.experimental.quantization.evaluation import perplexity, tokenize_text, windows_outside
     from tico.experimental.quantization.run.loading import load_model, load_tokenizer
 
     _before_loading(args, "eval")
@@ -219,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if model_config(name, args).get("quantization_config", {}).get("quant_method") == "compressed-tensors":
             require(["compressed_tensors"], f"{name} (a compressed-tensors checkpoint)")
     text = _text(args)
-    skip, note = _eval_start(args, read_run_metadata(args.model) if Path(args.model).expanduser().is_dir() else None)
+    skip, excluded, note = _eval_start(args, read_run_metadata(args.model) if Path(args.model).expanduser().is_dir() else None)
     out(note)
     rows = []
     for label, name in names:
@@ -230,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "evaluate on another text or lower --skip-tokens", EXIT_LOAD)
         model = load_model(name, args.dtype, args.device, args.trust_remote_code, causal_lm=True)
         try:  # each window begins as the tokenizer begins a text (its BOS, if it adds one), as calibration did
-            windows = token_windows(tokenizer, text, args.seq_len, start=skip)
+            windows = windows_outside(tokenizer, text, args.seq_len, excluded, start=skip)
             result = perplexity(model, None, windows.reshape(-1), seq_len=args.seq_len, max_windows=args.max_windows,
                                 device=args.device, progress=True)
         except ValueError as exc:
@@ -244,19 +246,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_start(args: argparse.Namespace, metadata: dict[str, Any] | None) -> tuple[int, str]:
-    """The first token to score, and one line saying why (so calibration tokens are never scored unknowingly)."""
+def _eval_start(args: argparse.Namespace, metadata: dict[str, Any] | None) -> tuple[int, list[tuple[int, int]], str]:
+    """The first token to score, the token ranges never to score (the calibration windows), and one line saying
+    why (so calibration tokens are never scored unknowingly)."""
     if args.skip_tokens is not None:
-        return args.skip_tokens, f"scoring from token {args.skip_tokens} (--skip-tokens)"
+        return args.skip_tokens, [], f"scoring from token {args.skip_tokens} (--skip-tokens)"
     calibration = (metadata or {}).get("calibration")
     if not isinstance(calibration, dict):
-        return 0, (f"note: {args.model} has no tico_recipe.json, so which text calibrated it is unknown; scoring from "
-                   "token 0 (--skip-tokens N skips the first N tokens)")
+        return 0, [], (f"note: {args.model} has no tico_recipe.json, so which text calibrated it is unknown; scoring "
+                       "from token 0 (--skip-tokens N skips the first N tokens)")
     keys = ("dataset", "dataset_config", "split", "text_column")
-    if all(calibration.get(k) == _source(args).get(k) for k in keys):
-        end = int(calibration.get("end_token", 0))
-        return end, f"scoring from token {end}: tokens 0-{end} of this text calibrated {args.model} (tico_recipe.json)"
-    return 0, f"{args.model} was calibrated on other text ({calibration.get('dataset')}); scoring from token 0"
+    if not all(calibration.get(k) == _source(args).get(k) for k in keys):
+        return 0, [], f"{args.model} was calibrated on other text ({calibration.get('dataset')}); scoring from token 0"
+    ranges = calibration.get("token_ranges")
+    if isinstance(ranges, list):
+        return 0, [(int(a), int(b)) for a, b in ranges], (
+            f"scoring only windows that share no token with the {len(ranges)} calibration windows of this text "
+            f"(tokens {calibration.get('first_token')}-{calibration.get('end_token')}, tico_recipe.json)")
+    end = int(calibration.get("end_token", 0))  # a recipe written before calibration windows were spread
+    return end, [], f"scoring from token {end}: tokens 0-{end} of this text calibrated {args.model} (tico_recipe.json)"
 
 
 # -- report ---------------------------------------------------------------------------------------------------

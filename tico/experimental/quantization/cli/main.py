@@ -62,8 +62,9 @@ examples:
 
 EVAL_EPILOG = """\
 windows are disjoint, seq-len tokens each. A model written by tico-sq quantize records which tokens of which
-text calibrated it (tico_recipe.json); on the same text eval starts after them, so calibration tokens are
-never scored (--skip-tokens overrides; without that file eval says it cannot know and starts at token 0).
+text calibrated it (tico_recipe.json); on the same text eval leaves out every window that shares a token with
+them, so calibration tokens are never scored (--skip-tokens overrides; without that file eval says it cannot
+know and starts at token 0).
 
 example:
   tico-sq eval --model out/w8a8 --reference ../shared/data/stories260K-hf \\
@@ -221,7 +222,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                         "model, text, windows and options; options given here override them (default: none)")
     _opt(q, "--scheme", choices=list(SCHEME_HELP), default="w8a8-static", help=f"{scheme_help} (default: %(default)s)")
     _opt(q, "--samples", type=_positive, default=128,
-         help="calibration windows, taken from the start of the text (default: %(default)s)")
+         help="calibration windows, spread evenly over the text (default: %(default)s)")
     _opt(q, "--batch-size", type=_positive, default=4, help="windows per calibration forward (default: %(default)s)")
     _add_recipe_options(q)
     q.add_argument("--dist-timeout", type=_number(float, 1, "a number of seconds, at least one"), default=None,
@@ -237,8 +238,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", default=None, help="float model to compare with (default: none)")
     e.add_argument("--max-windows", type=_positive, default=None, help="score at most this many windows (default: all)")
     e.add_argument("--skip-tokens", type=_non_negative, default=None,
-                   help="start after this many tokens of the text (default: after the calibration tokens recorded "
-                        "in the model's tico_recipe.json when the text is the same, else 0)")
+                   help="start after this many tokens of the text, scoring every window from there (default: from "
+                        "token 0, leaving out the calibration windows recorded in the model's tico_recipe.json "
+                        "when the text is the same)")
     e.set_defaults(command_name="eval")
 
 

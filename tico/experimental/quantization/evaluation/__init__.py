@@ -19,6 +19,9 @@ from tico.experimental.quantization.evaluation.data import (
     read_text,
     token_windows,
     tokenize_text,
+    window_picks,
+    windows_outside,
+    SELECTIONS,
 )
 from tico.experimental.quantization.evaluation.fidelity import FidelityResult, logit_fidelity
 from tico.experimental.quantization.evaluation.perplexity import PerplexityResult, model_logits, perplexity

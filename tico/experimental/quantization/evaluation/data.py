@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -24,6 +24,9 @@ __all__ = [
     "cut_windows",
     "token_windows",
     "calibration_windows",
+    "window_picks",
+    "windows_outside",
+    "SELECTIONS",
     "bos_token_id",
     "leading_bos",
     "text_tokens_per_window",
@@ -207,6 +210,31 @@ def token_windows(
     return windows
 
 
+SELECTIONS = ("spread", "random", "first")
+
+
+def window_picks(available: int, num_windows: int, selection: str = "spread", seed: int = 0) -> torch.Tensor:
+    """Which ``num_windows`` of ``available`` disjoint windows calibrate, as sorted indices into the grid.
+
+    ``"spread"``: evenly spaced over the whole text (window ``k * available // num_windows``), so a text that is
+    many documents (WikiText's articles, a concatenated dataset) is sampled across its documents rather than in
+    its first one, deterministically and without a seed; ``"random"``: drawn without replacement with ``seed``
+    (what llm-compressor's shuffled dataset samples do); ``"first"``: the first ``num_windows``.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {list(SELECTIONS)}, got {selection!r}")
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    if num_windows > available:
+        raise ValueError(f"{num_windows} windows are asked for, but the text has room for only {available}")
+    if selection == "first":
+        return torch.arange(num_windows)
+    if selection == "spread":
+        return torch.arange(num_windows) * available // num_windows
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(available, generator=gen)[:num_windows].sort().values
+
+
 def calibration_windows(
     tokenizer: Any,
     text: str | torch.Tensor,
@@ -214,24 +242,46 @@ def calibration_windows(
     num_windows: int,
     seed: int | None = 0,
     add_bos: bool = True,
+    selection: str = "random",
 ) -> torch.Tensor:
     """``num_windows`` disjoint windows of ``seq_len`` tokens for calibration; returns ``[n, seq_len]``.
 
-    Calibration statistics (activation abs-max) should see the whole corpus, not only its first pages,
-    so with a ``seed`` the windows are drawn at random (without replacement, reproducibly) from the grid
-    of disjoint windows, then returned in text order. ``seed=None`` takes the first ``num_windows``
-    windows instead. Raises :class:`ValueError` when the text has fewer disjoint windows than asked for.
+    Calibration statistics (activation abs-max) should see the whole corpus, not only its first pages: the
+    windows are picked from the grid of disjoint windows by :func:`window_picks` (``selection``: ``"random"``
+    with ``seed``, ``"spread"`` evenly over the text, or ``"first"``) and returned in text order. ``seed=None``
+    takes the first ``num_windows`` windows (as ``selection="first"``). Raises :class:`ValueError` when the text
+    has fewer disjoint windows than asked for.
     """
     grid = token_windows(tokenizer, text, seq_len, add_bos=add_bos)
-    if num_windows < 1:
-        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
     if num_windows > grid.size(0):
         raise ValueError(
             f"text too short: {num_windows} disjoint windows of seq_len={seq_len} are asked for, "
             f"but the text has room for only {grid.size(0)}"
         )
-    if seed is None:
-        return grid[:num_windows].clone()
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(grid.size(0), generator=gen)[:num_windows].sort().values
-    return grid[pick]
+    picks = window_picks(grid.size(0), num_windows, "first" if seed is None else selection, seed or 0)
+    return grid[picks].clone()
+
+
+def windows_outside(
+    tokenizer: Any,
+    text: str,
+    seq_len: int,
+    excluded: Iterable[tuple[int, int]],
+    start: int = 0,
+    add_bos: bool = True,
+) -> torch.Tensor:
+    """The disjoint windows of ``text`` from stream token ``start`` on that share no token with ``excluded``.
+
+    ``excluded`` holds ``[first, end)`` ranges of the text's token stream (no BOS counted), e.g. the tokens a
+    model was calibrated on (``tico_recipe.json``), so that evaluation on the calibration text never scores them
+    whichever windows calibration picked. Raises :class:`ValueError` when no window is left.
+    """
+    windows = token_windows(tokenizer, text, seq_len, start=start, add_bos=add_bos)
+    step = text_tokens_per_window(tokenizer, seq_len, add_bos)
+    ranges = [(int(a), int(b)) for a, b in excluded]
+    keep = [k for k in range(windows.size(0))
+            if not any(a < start + (k + 1) * step and start + k * step < b for a, b in ranges)]
+    if not keep:
+        raise ValueError(f"text too short: every window of seq_len={seq_len} from token {start} overlaps the "
+                         f"{len(ranges)} excluded (calibration) token ranges")
+    return windows[keep]

@@ -1,8 +1,8 @@
 """Read back the ``tico_recipe.json`` a run wrote, to run it again (``tico-sq quantize --recipe``).
 
 The file holds the config as a dict (``config_to_dict``), the run's options (model, scheme, rotation,
-streaming, batch size, dtype, device) and its calibration (text source, windows, seq-len, first and end token,
-seed). :func:`read_recipe` turns it back into a config object and the command line's option values, so a run
+streaming, batch size, dtype, device) and its calibration (text source, windows, seq-len, which windows, their
+token ranges). :func:`read_recipe` turns it back into a config object and the command line's option values, so a run
 is repeated from one file; options given on the command line then override the recorded ones.
 
 :func:`config_from_dict` picks the config class the recorded ``"type"`` names; the config's own
@@ -78,7 +78,22 @@ def read_recipe(path: str | Path) -> Recipe:
         value = (raw.get(section) or {}).get(key)
         if value is not None:
             options[dest] = value
+    selection = _selection((raw.get("calibration") or {}).get("selection"))
+    if selection is not None:
+        options["calibration_selection"] = selection
     return Recipe(path, config, options, raw)
+
+
+def _selection(recorded: Any) -> str | None:
+    """Which windows the recorded run calibrated on (``evaluation.data.SELECTIONS``), so a replay takes the same ones;
+    recipes written before windows were spread say so in a sentence (``"the first windows of ..."``)."""
+    from tico.experimental.quantization.evaluation.data import SELECTIONS
+
+    if recorded in SELECTIONS:
+        return str(recorded)
+    if isinstance(recorded, str) and recorded.startswith("the first windows"):
+        return "first"
+    return None
 
 
 def _config_classes() -> dict[str, type]:

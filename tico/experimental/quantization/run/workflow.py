@@ -4,9 +4,12 @@
 (e.g. a streaming, block-by-block pipeline) replaces :func:`quantize_to_folder` with one call and keeps the
 same calibration data and metadata.
 
-Calibration takes the **first** ``samples`` windows of the text, and the run records which tokens those were
-in ``tico_recipe.json``; ``tico-sq eval`` on the same text then starts after them, so perplexity is never
-measured on the calibration tokens.
+Calibration takes ``samples`` disjoint windows **spread evenly over the whole text** (:data:`SELECTION`): a text is
+usually many documents (WikiText's articles, a concatenated dataset), and the first windows would all come from
+the first of them; llm-compressor shuffles its calibration samples for the same reason. The spread is
+deterministic (no seed), so the same text gives the same windows. The run records which tokens those were in
+``tico_recipe.json``; ``tico-sq eval`` on the same text then scores only windows that share no token with them,
+so perplexity is never measured on the calibration tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from tico.experimental.quantization.export.publish import RECIPE_FILE, write_ato
 from tico.experimental.quantization.run.loading import is_local_model, load_model
 from tico.experimental.quantization.run.schemes import config_to_dict
 
-__all__ = ["CalibrationSet", "calibration_set", "save_quantized", "quantize_to_folder", "FORMAT"]
+__all__ = ["SELECTION", "CalibrationSet", "calibration_set", "save_quantized", "quantize_to_folder", "FORMAT"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "tico-run/1"
+
+
+SELECTION = "spread"  # which windows of the text calibrate (evaluation.data.window_picks): the one place it is chosen
 
 
 @dataclass
@@ -38,29 +44,42 @@ class CalibrationSet:
 
     windows: torch.Tensor
     source: dict[str, Any] = field(default_factory=dict)  # dataset name/path, config, split, column
+    token_ranges: list[tuple[int, int]] = field(default_factory=list)  # [first, end) of each window in the stream
+    selection: str = SELECTION
 
     @property
     def end_token(self) -> int:
-        """Tokens ``[0, end_token)`` of the text's token stream (BOS included) were used for calibration."""
-        return int(self.windows.numel())
+        """The end of the last calibration window in the text's token stream: no token after it calibrated."""
+        return max((end for _, end in self.token_ranges), default=int(self.windows.numel()))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.source,
             "windows": int(self.windows.size(0)),
             "seq_len": int(self.windows.size(1)),
-            "first_token": 0,
+            "first_token": min((first for first, _ in self.token_ranges), default=0),
             "end_token": self.end_token,
-            "seed": None,  # no random choice: the first windows, so the same text gives the same windows
-            "selection": "the first windows of the text's token stream (one BOS at its start)",
+            "seed": None,  # no random choice: the same text gives the same windows
+            "selection": self.selection,
+            "token_ranges": [list(r) for r in self.token_ranges],  # in the stream without BOS; tico-sq eval skips them
         }
 
 
-def calibration_set(tokenizer: Any, text: str, seq_len: int, samples: int, source: dict[str, Any] | None = None) -> CalibrationSet:
-    """The first ``samples`` disjoint windows of ``seq_len`` tokens of ``text`` (ValueError if it is too short)."""
-    from tico.experimental.quantization.evaluation.data import token_windows
+def calibration_set(tokenizer: Any, text: str, seq_len: int, samples: int, source: dict[str, Any] | None = None,
+                    selection: str = SELECTION) -> CalibrationSet:
+    """``samples`` disjoint windows of ``seq_len`` tokens of ``text``, picked by ``selection`` (spread evenly over the
+    text by default, :func:`~tico.experimental.quantization.evaluation.data.window_picks`), in text order, with
+    their token ranges. Raises ValueError if the text is too short."""
+    from tico.experimental.quantization.evaluation.data import text_tokens_per_window, token_windows, window_picks
 
-    return CalibrationSet(token_windows(tokenizer, text, seq_len, num_windows=samples), dict(source or {}))
+    grid = token_windows(tokenizer, text, seq_len)
+    if samples > grid.size(0):
+        raise ValueError(f"text too short: {samples} disjoint windows of seq_len={seq_len} are asked for, "
+                         f"but the text has room for only {grid.size(0)}")
+    picks = window_picks(grid.size(0), samples, selection)
+    step = text_tokens_per_window(tokenizer, seq_len)
+    ranges = [(int(k) * step, (int(k) + 1) * step) for k in picks]
+    return CalibrationSet(grid[picks].clone(), dict(source or {}), ranges, selection)
 
 
 def run_metadata(result: QuantizationResult, config: Any, calibration: CalibrationSet, options: dict[str, Any]) -> dict[str, Any]:
