@@ -33,6 +33,10 @@ KNOWN: dict[tuple[str, str, bool], str] = {}
 # Conv1D models: their int8 weights are stored [in, out], the layout vLLM's GPT-2 loader transposes; transformers'
 # compressed-tensors decompression assumes [out, in], so only load_compressed (and vLLM) read them back.
 TRANSPOSED_INT8 = {"gpt2"}
+# Float MoE experts: transformers' compressed-tensors loader (5.25) drops float per-expert tensors when it fuses
+# them, so from_pretrained fails on these W8A8 checkpoints (asserted: it must fail until transformers handles
+# them; see tests/export/test_source_names.py). load_compressed and vLLM read them.
+FLOAT_EXPERTS = {"mixtral-8x7b", "qwen1.5-moe-a2.7b"}
 
 
 def cases():
@@ -216,9 +220,12 @@ def _compare(key: str, src: Path, out: Path, scheme: str, dtype: torch.dtype) ->
     errors["load_compressed"] = rel_error(_logits(load_compressed(out, backend="fake").float(), ids), reference)
     from transformers import CompressedTensorsConfig
 
-    if key not in TRANSPOSED_INT8:
-        served = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                      quantization_config=CompressedTensorsConfig(run_compressed=False))
+    loading = dict(dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
+    if key in FLOAT_EXPERTS:
+        with pytest.raises(RuntimeError):
+            AutoModelForCausalLM.from_pretrained(out, **loading)
+    elif key not in TRANSPOSED_INT8:
+        served = AutoModelForCausalLM.from_pretrained(out, **loading)
         errors["from_pretrained"] = rel_error(_logits(served.eval(), ids), reference)
     assert max(errors.values()) < bound, (errors, wrong)
     print(f"{key} {scheme} {str(dtype)[6:]}: wrong layout {wrong:.3f}, " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
@@ -230,10 +237,23 @@ def _case(key, scheme, dtype, streamed, root, tmp_path, capsys):
     assert len(list(src.glob("model-*-of-*.safetensors"))) > 1 and (src / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
     _quantize(src, out, scheme, streamed, capsys)
+    _assert_source_names(src, out)
     saved = json.loads((out / "config.json").read_text())
     for field in ("pad_token_id", "bos_token_id", "eos_token_id"):  # the special ids survive
         assert saved.get(field) == json.loads((src / "config.json").read_text()).get(field), field
     return _compare(key, src, out, scheme, dtype)
+
+
+def _assert_source_names(src: Path, out: Path) -> None:
+    """The output holds the source checkpoint's tensor names (issue 16: not transformers' internal ones, e.g. fused
+    MoE experts), int8 weights included; besides them only the int8 layers' scales."""
+    from tico.experimental.quantization.export.shards import read_tensors, safetensors_files
+
+    source, written = (dict(read_tensors(safetensors_files(f))) for f in (src, out))
+    int8 = {k.removesuffix(".weight") for k, t in written.items() if t.dtype == torch.int8}
+    assert set(source) <= set(written), sorted(set(source) - set(written))[:5]
+    extra = set(written) - set(source)
+    assert extra <= {f"{n}.{leaf}" for n in int8 for leaf in ("weight_scale", "input_scale")}, sorted(extra)[:5]
 
 
 @pytest.mark.parametrize("key, scheme, dtype, streamed", cases())

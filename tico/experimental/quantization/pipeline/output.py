@@ -16,10 +16,11 @@ from torch import nn
 from tico.experimental.quantization.export.compressed_tensors import (
     build_quantization_config,
     check_exportable,
-    compressed_tensors_of,
-    float_linears,
+    checkpoint_tensors,
+    layer_names,
     layer_scheme,
 )
+from tico.experimental.quantization.export.layers import source_tensors, w8a8_layers
 from tico.experimental.quantization.nn.linear import W8A8Linear
 from tico.experimental.quantization.pipeline.vocab import Passthrough
 
@@ -83,21 +84,23 @@ class Output:
             raise RuntimeError(f"{unwritten}: left as is, but not among the tensors to write")
 
     def _compressed(self, unit: nn.Module) -> dict[str, torch.Tensor]:
+        """The unit's tensors and its layers' schemes and ignore entries, all under the source checkpoint's names,
+        as :func:`~tico.experimental.quantization.export.compressed_tensors.save_compressed` writes them."""
         check_exportable(unit)
-        self.schemes.update({n: layer_scheme(m) for n, m in unit.named_modules() if isinstance(m, W8A8Linear)})
-        self.ignore += float_linears(unit)
-        return compressed_tensors_of(unit, self.dtype)
+        tensors = checkpoint_tensors(self.model, unit, self.dtype)
+        int8, floats = layer_names(self.model, unit)
+        self.schemes.update({int8[n]: layer_scheme(m) for n, m in w8a8_layers(unit).items()})
+        self.ignore += floats
+        return tensors
 
     def _plain(self, unit: nn.Module) -> dict[str, torch.Tensor]:
-        from transformers.core_model_loading import revert_weight_conversion
-
         seen: set[int] = set()
         tensors = {}
         for k, v in unit.state_dict(keep_vars=True).items():
             if id(v) not in seen:  # a tied parameter is saved once, as save_pretrained does
                 seen.add(id(v))
                 tensors[k] = v.detach()
-        return revert_weight_conversion(self.model, tensors)
+        return source_tensors(self.model, tensors)
 
     def finish(self, source: Path, config: Any) -> None:
         """``config.json`` (with the ``quantization_config`` of every layer written) and the generation config."""
