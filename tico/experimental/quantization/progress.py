@@ -77,3 +77,17 @@ def stage(step: str) -> Iterator[None]:
     if callback is not None:
         callback(step, 1, 1)
     logger.debug("%s: done after %.1fs", step, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bar while we load parts of a model (ours, if any, is the one to show)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

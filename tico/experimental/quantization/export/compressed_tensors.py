@@ -298,16 +298,12 @@ def _load_float(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) 
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
-    from transformers.utils import logging as hf_logging
 
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one model's load: no progress bar of transformers' own
-    try:
+    from tico.experimental.quantization.progress import quiet_transformers
+
+    with quiet_transformers():  # one model's load: no progress bar of transformers' own
         info, _ = convert_and_load_state_dict_in_model(
             model, tensors, LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model)))
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
     errors = [*info.error_msgs, *map(str, info.conversion_errors.items()), *map(str, info.mismatched_keys)]
     if errors:
         raise ValueError(f"{path}: checkpoint does not match the model: {errors[:5]}")

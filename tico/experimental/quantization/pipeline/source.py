@@ -9,15 +9,14 @@ tensors fused into 3-D expert weights), and released back to meta when done.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from tico.experimental.quantization.export.shards import read_tensors, safetensors_files
+from tico.experimental.quantization.progress import quiet_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +50,6 @@ def _floating_dtype(files: dict[str, Path], prefer: str) -> torch.dtype:
         if dtype is not None:
             return dtype
     return torch.float32
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No transformers progress bar while we load parts of a model (ours, if any, is the one to show)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 class Checkpoint:

@@ -8,7 +8,7 @@ from torch import nn
 from tico.experimental.quantization.algorithm.smoothquant.quantizer import ScalePlan, SmoothQuantQuantizer
 from tico.experimental.quantization.config.w8a8 import W8A8Config
 from tico.experimental.quantization.structure.names import matches, unmatched
-from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS
+from tico.experimental.quantization.structure.producers import LINEAR_OUTPUT_AXIS, linear_output_axis
 
 LINEAR_TYPES = tuple(LINEAR_OUTPUT_AXIS)  # nn.Linear and GPT-2's Conv1D, as for smoothing producers
 
@@ -28,6 +28,9 @@ def select_targets(model: nn.Module, config: W8A8Config) -> tuple[list[str], dic
         if isinstance(module, LINEAR_TYPES):
             if module is head and not config.quantize_lm_head:
                 kept[name] = "output embedding (LM head) is kept in float; set quantize_lm_head=True to quantize it"
+            elif module.weight.shape[linear_output_axis(module)] == 1:
+                kept[name] = ("one output (a scalar gate, e.g. Qwen2-MoE's shared_expert_gate): int8 saves nothing "
+                              "there, and vLLM builds such a layer unquantized")
             else:
                 targets.append(name)
         elif any(p.dim() == 3 for p in module.parameters(recurse=False)):
