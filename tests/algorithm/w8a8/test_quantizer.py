@@ -267,3 +267,16 @@ def test_ignore_takes_the_one_name_syntax_patterns_included():
     assert all(quantizer.report.kept_float[n] == "in W8A8Config.ignore" for n in down)
     with pytest.raises(ValueError, match="re:.*nope"):
         prepare(build_model("llama"), W8A8Config(ignore=("re:.*nope",)))
+
+
+def test_single_output_layers_stay_float_with_the_reason():
+    """Qwen2-MoE's shared_expert_gate (Linear(hidden, 1)): int8 saves nothing, and vLLM builds it in float."""
+    model = prepare(build_model("qwen2_moe"), W8A8Config(activations="static"))
+    with torch.no_grad():
+        model(input_ids("qwen2_moe"))
+    quantizer = get_quantizer(model)
+    model = convert(model)
+    gates = [n for n, m in model.named_modules() if n.endswith("shared_expert_gate")]
+    assert gates and all(type(model.get_submodule(n)) is nn.Linear for n in gates)
+    assert all("one output" in quantizer.report.kept_float[n] for n in gates)
+    assert any(isinstance(m, W8A8Linear) for m in model.modules())  # the rest is quantized
