@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -94,19 +96,25 @@ def _helpers(rank: int) -> dict[str, list]:
     }
 
 
-def main(out: Path) -> None:
+@contextmanager
+def rank_group() -> Iterator[tuple[int, int]]:
+    """This rank's gloo process group (one thread, as the one-process reference runs): yields (rank, world)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
     try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(out: Path) -> None:
+    with rank_group() as (rank, world):
         (out / f"helpers.rank{rank}.json").write_text(json.dumps(_helpers(rank)))
         for model_key, scheme in CASES:
             torch.save(convert_case(model_key, scheme, rank, world), out / f"{model_key}-{scheme}.rank{rank}.pt")
         (out / f"failure.rank{rank}.json").write_text(json.dumps(_failing_convert(rank)))
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -131,12 +130,7 @@ def _tensors(rank: int) -> dict:
 
 
 def main(out: Path) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
+    with calib.rank_group() as (rank, world):
         state, counts = counted_convert(rank, world)
         torch.save(state, out / f"convert.rank{rank}.pt")
         (out / f"counts.rank{rank}.json").write_text(json.dumps(counts))
@@ -145,8 +139,6 @@ def main(out: Path) -> None:
         for where in ("share", "between"):
             (out / f"failure-{where}.rank{rank}.json").write_text(json.dumps(_failing(rank, where)))
         (out / f"tensors.rank{rank}.json").write_text(json.dumps(_tensors(rank)))
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

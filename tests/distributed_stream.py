@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -96,18 +95,13 @@ def cli(how: str, argv: list[str]) -> int:
 
 
 def main(src: Path, out: Path) -> None:
-    import torch.distributed as dist
+    from distributed_calibration import rank_group
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank = dist.get_rank()
-    try:
+    with rank_group() as (rank, _):
         for case in CASES:
             run_case(src, case, out / case)
         (out / f"failure.rank{rank}.json").write_text(json.dumps(_failing_run(src, out / "failure", rank)))
         (out / f"early.rank{rank}.json").write_text(json.dumps(_early_failure(src, out / "early", rank)))
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
