@@ -77,6 +77,7 @@ def measure(args: argparse.Namespace) -> None:
     if distributed.rank() == 0:
         print("RESULT " + json.dumps(reports))
     if dist.is_initialized():
+        dist.barrier()  # every rank done before any tears down (gloo can abort a peer still closing)
         dist.destroy_process_group()
 
 

@@ -105,6 +105,7 @@ def rank_group() -> Iterator[tuple[int, int]]:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
         yield dist.get_rank(), dist.get_world_size()
+        dist.barrier()  # every rank done before any tears down (gloo can abort a peer still closing)
     finally:
         dist.destroy_process_group()
 

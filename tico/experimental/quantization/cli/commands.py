@@ -179,6 +179,7 @@ def _process_group(args: argparse.Namespace) -> Iterator[int]:
         logging.getLogger("tico").setLevel(logging.ERROR)  # rank 0 logs and draws the progress
     try:
         yield rank
+        dist.barrier()  # every rank done before any tears down: gloo can abort a peer that is still closing
     finally:
         dist.destroy_process_group()
 
